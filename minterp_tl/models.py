@@ -214,7 +214,7 @@ def load_model(
         except Exception as err:  # noqa: BLE001 - re-raised with the name and what would work
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(
-                f"could not load model {name_or_path!r}: {reason}. Valid: {DEFAULT_MODEL!r} "
+                f"could not load model {name_or_path!r}: {reason.rstrip('.')}. Valid: {DEFAULT_MODEL!r} "
                 f"(offline), a local Hugging Face model directory, or a hub id when a hub is reachable"
             ) from err
         name = name_or_path

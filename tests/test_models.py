@@ -85,7 +85,7 @@ def test_model_info_counts_parameters_by_formula():
     d, v, ctx, layers = 32, 50, 64, 4
     model = toy_model("attn_only", n_layers=layers, d_model=d, d_vocab=v, n_ctx=ctx)
     per_layer = 2 * d + 4 * (d * d + d)  # ln1 (w, b) + W_Q, W_K, W_V, W_O with biases
-    expected = v * d + ctx * d + layers * per_layer + 2 * d + (d * v + v)  # + ln_final + unembed(+bias)
+    expected = v * d + ctx * d + layers * per_layer + 2 * d + d * v  # + ln_final + unembed (no bias)
     assert model_info(model) == ModelInfo("toy-attn_only", expected, layers, 4, d, v)
 
 
