@@ -12,14 +12,21 @@ from minterp_tl.cli import main
 
 
 def test_info_prints_model_info_and_paris_first(smollm2, capsys):
+    import torch
+
+    with torch.no_grad():
+        expected = smollm2("The capital of France is")[0, -1].softmax(-1).max().item()
     assert main(["info", "The capital of France is", "--no-progress"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert "smollm2-135m" in lines[0]
     assert any(line.split() == ["layers", "30"] for line in lines)
     assert any(line.split() == ["d_vocab", "49152"] for line in lines)
-    ranked = [line.split(None, 1)[1] for line in lines if line.strip()[:1].isdigit() and line.split()[0] in "12345"]
-    assert len(ranked) == 5 and ranked[0].startswith("' Paris'")
+    ranked = [line.split() for line in lines if line.split()[:1] in (["1"], ["2"], ["3"], ["4"], ["5"])]
+    assert len(ranked) == 5 and ranked[0][1:3] == ["'", "Paris'"]  # the token repr "' Paris'"
+    assert abs(float(ranked[0][-1]) - expected) < 1e-4  # the printed probability is the model's own
+    probs = [float(row[-1]) for row in ranked]
+    assert probs == sorted(probs, reverse=True)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
