@@ -1,5 +1,6 @@
 """minterp_tl: mechanistic interpretability on TransformerLens 4."""
 
+from minterp_tl.context import RepresentationContext
 from minterp_tl.models import (
     DEFAULT_MODEL,
     InductionReport,
@@ -10,15 +11,57 @@ from minterp_tl.models import (
     toy_model,
     train_induction_model,
 )
-from minterp_tl.names import canonical_names, resolve_name, resolve_names, short_name
+from minterp_tl.names import (
+    canonical_names,
+    expand_name,
+    resolve_name,
+    resolve_names,
+    short_name,
+)
+from minterp_tl.specs import Token
+from minterp_tl.state import (
+    Add,
+    Compose,
+    LoadRule,
+    MeanOverBatch,
+    SavedState,
+    SaveRule,
+    Scale,
+    StateConfig,
+    StateManager,
+)
+from minterp_tl.wrapper import (
+    Experiment,
+    ExperimentResult,
+    ModelWrapper,
+    Phase,
+    RunResult,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Add",
+    "Compose",
     "DEFAULT_MODEL",
+    "Experiment",
+    "ExperimentResult",
     "InductionReport",
+    "LoadRule",
+    "MeanOverBatch",
     "ModelInfo",
+    "ModelWrapper",
+    "Phase",
+    "RepresentationContext",
+    "RunResult",
+    "SaveRule",
+    "SavedState",
+    "Scale",
+    "StateConfig",
+    "StateManager",
+    "Token",
     "canonical_names",
+    "expand_name",
     "induction_report",
     "load_model",
     "model_info",

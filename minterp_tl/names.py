@@ -19,6 +19,7 @@ name where one exists, else the bridge name (``ln_final.hook_out``, ``blocks.3.a
     ``"embed_tokens"``, ``"ln_final"`` / ``"norm"``.
 
 - :func:`resolve_names` -- :func:`resolve_name` for a list of layers.
+- :func:`expand_name` -- a name at a layer selection: per-layer names at each layer, others once.
 - :func:`short_name` -- a canonical name -> ``(short, layer)`` such that
   ``resolve_name(model, short, layer)`` gives it back.
 
@@ -239,6 +240,24 @@ def resolve_names(model: TransformerBridge, name: NameSpec, layers: list[int]) -
         ValueError: As :func:`resolve_name`, for the first layer that fails.
     """
     return [resolve_name(model, name, layer) for layer in layers]
+
+
+def expand_name(model: TransformerBridge, name: NameSpec, layers: list[int]) -> list[str]:
+    """Resolve ``name`` at a layer selection, whether or not it is per-layer.
+
+    A per-layer name without a layer (``"resid_pre"``, ``"attn.hook_z"``) gives one canonical name per
+    layer of ``layers``; a name that says its layer (``"blocks.3.hook_resid_pre"``, ``"layers.3"``) or
+    has none (``"hook_embed"``, ``"ln_final"``) gives its one canonical name and ignores ``layers``.
+
+    Raises:
+        ValueError: As :func:`resolve_name`.
+    """
+    text, layer, layer_type = _unpack(name, None, None)
+    if layer is not None or layer_type is not None:
+        return [resolve_name(model, name)]
+    if _try_resolve(_index(model), text, None) is not None:
+        return [resolve_name(model, text)]
+    return [resolve_name(model, text, layer) for layer in layers]
 
 
 def short_name(canonical: str) -> tuple[str, Optional[int]]:

@@ -9,6 +9,7 @@ import torch
 
 from minterp_tl import models
 from minterp_tl.models import (
+    HELD_OUT_LENGTHS,  # 11, 16, 21: never used in training
     ModelInfo,
     induction_report,
     load_model,
@@ -17,8 +18,6 @@ from minterp_tl.models import (
     toy_model,
     train_induction_model,
 )
-
-from minterp_tl.models import HELD_OUT_LENGTHS  # 11, 16, 21: never used in training
 
 
 def _tokens(model, batch: int = 2, pos: int = 9, seed: int = 0) -> torch.Tensor:
