@@ -8,10 +8,11 @@ For SmolLM2-135M on a batch of prompts, each configuration runs the same forward
 - ``run_with_cache``: TransformerLens's full cache (every hook point of the model).
 
 Time: median of ``--repeats`` runs, interleaved so that machine noise hits every row alike; the ratio
-is against ``plain``. Memory: the bytes each configuration keeps after the run (exact), and the peak
-resident memory it adds above a plain forward, measured in a fresh subprocess per configuration
-(``ru_maxrss`` after a warm-up plain forward, then after the configuration; on CUDA
-``torch.cuda.max_memory_allocated``).
+is against ``plain``. Memory: the bytes each configuration keeps after the run (exact), and its peak
+memory above the loaded model, measured in a fresh subprocess per configuration: after a warm-up
+plain forward, ``malloc_trim`` and a reset of the kernel's peak-RSS counter (``/proc/self/clear_refs``),
+peak RSS (``VmHWM``) minus RSS before the run; on CUDA ``torch.cuda.max_memory_allocated`` minus
+the allocated bytes before the run.
 
 Run: ``.venv/bin/python benchmarks/bench_state.py [--batch 16] [--pos 64] [--repeats 7] [--no-memory]``
 """
@@ -21,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import ctypes
+import gc
+import re
 import statistics
 import subprocess
 import sys
@@ -63,11 +66,15 @@ def _runner(model, tokens: torch.Tensor, config: str):
 
 
 def _kept_bytes(result) -> int:
+    """Bytes of the distinct tensor storages a result holds (a cache lists aliases of one hook twice)."""
     if isinstance(result, torch.Tensor):
-        return result.numel() * result.element_size()
-    if isinstance(result, tuple):  # (logits, cache)
-        return _kept_bytes(result[0]) + sum(_kept_bytes(t) for t in result[1].cache_dict.values())
-    return _kept_bytes(result.logits) + sum(_kept_bytes(t) for t in result.saved.values())
+        tensors = [result]
+    elif isinstance(result, tuple):  # (logits, cache)
+        tensors = [result[0], *result[1].cache_dict.values()]
+    else:
+        tensors = [result.logits, *result.saved.values()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def _sync(device: str) -> None:
@@ -75,26 +82,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _rss(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+
 def measure_peak(config: str, batch: int, pos: int, device: str) -> dict:
-    """Run in a child process: extra peak memory of ``config`` above a plain forward (bytes)."""
+    """Run in a child process: peak memory of ``config`` above what is held before it (bytes)."""
     model = load_model(device=device, progress=False)
     tokens = _tokens(model, batch, pos)
+    run = _runner(model, tokens, config)
     with torch.no_grad():
         model(tokens)
+        gc.collect()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.max_memory_allocated()
+            base = torch.cuda.memory_allocated()
         else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        result = _runner(model, tokens, config)()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            base = _rss("VmRSS")
+        result = run()
         kept = _kept_bytes(result)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"extra_peak": max(peak - base, 0), "kept": kept}
+            peak = _rss("VmHWM")
+    return {"peak": peak - base, "kept": kept}
 
 
 def main() -> None:
@@ -141,11 +159,11 @@ def main() -> None:
     plain = statistics.median(times["plain"])
     print(f"SmolLM2-135M, batch {args.batch} x {args.pos} tokens, {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}; model has {n_hooks} hook points")
-    print(f"{'config':<16}{'time (s)':>10}{'x plain':>9}{'kept (MiB)':>12}{'extra peak (MiB)':>18}")
+    print(f"{'config':<16}{'time (s)':>10}{'x plain':>9}{'kept (MiB)':>12}{'peak (MiB)':>12}{'x plain':>9}")
     for c in CONFIGS:
         t = statistics.median(times[c])
-        extra = f"{peaks[c]['extra_peak'] / 2**20:.1f}" if c in peaks else "-"
-        print(f"{c:<16}{t:>10.3f}{t / plain:>9.2f}{kept[c] / 2**20:>12.1f}{extra:>18}")
+        peak = f"{peaks[c]['peak'] / 2**20:>12.0f}{peaks[c]['peak'] / peaks['plain']['peak']:>9.2f}" if peaks else ""
+        print(f"{c:<16}{t:>10.3f}{t / plain:>9.2f}{kept[c] / 2**20:>12.1f}{peak}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ default specs) and a :class:`~minterp_tl.state.StateManager` (saved states, and 
 1. tokenizes the prompts (strings one by one, padded on the right, so each prompt's positions are
    its own: right padding leaves a causal model's real positions untouched);
 2. resolves every rule's layer / position / head specs and hook names against the model, and looks
-   up every state a load rule needs -- all errors are raised here, before the forward pass;
+   up and prepares every value a load rule writes -- bad names, specs and missing states fail here,
+   before the forward pass (whether a value fits the activation is checked when its hook runs, with
+   a ``ValueError`` naming both shapes);
 3. installs one hook per hook point the phase touches (never a full ``run_with_cache``): loads are
    written first, then saves copy out just the selected positions / heads;
 4. runs the forward pass, stores what was saved in the manager, pops / drops what the config says,
@@ -220,9 +222,9 @@ class ModelWrapper:
             A :class:`RunResult`. The manager now also holds this phase's saves.
 
         Raises:
-            ValueError: Before the forward pass, for any bad name, spec, missing saved state or shape
-                that cannot be loaded; after it, if a hook to save never ran (with the switch that turns
-                it on, where there is one).
+            ValueError: Before the forward pass, for any bad name, spec or missing saved state; during
+                it, if a loaded value does not fit the activation; after it, if a hook to save never ran
+                (with the switch that turns it on, where there is one). Hooks are removed in every case.
         """
         manager = StateManager() if state_manager is None else state_manager
         name = phase if phase is not None else context.name

@@ -1,0 +1,645 @@
+"""Batched activation patching: a drop-in for ``transformer_lens.patching``.
+
+``transformer_lens.patching.generic_activation_patch`` runs one forward pass per patched index in a
+Python loop. This module has the same functions -- same names, arguments, meaning and return shapes
+(``get_act_patch_resid_pre``, ``..._attn_head_out_by_pos``, ``..._every``, ``reduce=`` /
+``baseline=`` / metric mappings and ``PatchingResult``) -- so changing the import is all a notebook
+needs::
+
+    from minterp_tl import patching          # was: from transformer_lens import patching
+    out = patching.get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric)  # [n_layers, pos]
+
+The difference is how the work is done: many patched copies of the corrupted batch run in one
+batched forward pass (``[copies * batch, pos]``), each copy with its own patch applied by TL's own
+patch setters, chunked so a chunk fits the memory budget. Results equal TL's up to the rounding of
+batched matrix products (``<= 1e-4`` in the tests).
+
+Keyword arguments of our own, on every function: ``max_batch`` (the most sequences in one forward),
+``memory_budget`` (bytes; default a quarter of the free memory) and ``progress`` (a tqdm bar over
+chunks).
+
+Also here:
+
+- :func:`activation_patch` -- a sweep over any hook with layers / positions / heads given as specs
+  (``layers="n//2:"``, ``positions="-3:"``), returning a :class:`PatchSweep` that can plot itself;
+- metrics: :func:`logit_diff_metric`, :func:`prob_metric` (probability or log-probability of a token)
+  and :func:`normalized_metric` ((patched - corrupted) / (clean - corrupted));
+- :func:`plot_heatmap` -- any ``layer x pos`` or ``layer x head`` result as a PNG.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import ActivationCache
+from transformer_lens import patching as _tl
+from transformer_lens.patching import (
+    PatchingResult,
+    layer_head_dest_src_pos_pattern_patch_setter,
+    layer_head_pattern_patch_setter,
+    layer_head_pos_pattern_patch_setter,
+    layer_head_vector_patch_setter,
+    layer_pos_head_vector_patch_setter,
+    layer_pos_patch_setter,
+    make_df_from_ranges,
+)
+from transformer_lens.utilities import get_act_name
+
+from minterp_tl.names import resolve_name
+from minterp_tl.specs import SpecLike, resolve
+from minterp_tl.state import hook_layout
+
+MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
+"""A function from the patched logits of the corrupted batch to a scalar (or ``[batch]``) metric."""
+
+_REDUCE_MODES = ("scalar", "mean", "none")
+
+
+# --------------------------------------------------------------------------------------------------
+# The batched engine
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_memory(device: torch.device) -> int:
+    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: ``MemAvailable``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def _bytes_per_sequence(model: Any, n_pos: int) -> int:
+    """A generous estimate of the memory one sequence of ``n_pos`` tokens takes in a forward pass:
+    its logits plus the largest transient activations (MLP hidden, attention scores and pattern)."""
+    cfg = model.cfg
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    floats = n_pos * (cfg.d_vocab + 12 * cfg.d_model + 3 * d_mlp) + 3 * cfg.n_heads * n_pos * n_pos
+    return 4 * floats
+
+
+def copies_per_forward(
+    model: Any,
+    batch: int,
+    n_pos: int,
+    *,
+    max_batch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> int:
+    """How many patched copies of a ``[batch, n_pos]`` corrupted batch run in one forward pass.
+
+    Args:
+        model: The model (its config sizes the estimate).
+        batch: Sequences per copy (the corrupted batch size).
+        n_pos: Tokens per sequence.
+        max_batch: The most sequences in one forward (default 64 on CPU, where larger batches do not
+            run faster, and 512 on GPU).
+        memory_budget: Bytes a forward may use (default: a quarter of the free memory).
+    """
+    device = torch.device(model.cfg.device)
+    if max_batch is None:
+        max_batch = 512 if device.type == "cuda" else 64
+    if memory_budget is None:
+        memory_budget = _free_memory(device) // 4
+    if max_batch < 1 or memory_budget < 1:
+        raise ValueError(f"max_batch and memory_budget must be positive, got {max_batch} and {memory_budget}.")
+    by_memory = memory_budget // (batch * _bytes_per_sequence(model, n_pos))
+    return int(max(1, min(max_batch // batch, by_memory)))
+
+
+def _run_patched(
+    model: Any,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    patches: Sequence[tuple[str, Callable, Sequence[int], Tensor]],
+    on_logits: Callable[[int, Tensor], None],
+    *,
+    max_batch: Optional[int],
+    memory_budget: Optional[int],
+    progress: bool,
+) -> None:
+    """Run every patch, many per forward pass.
+
+    Args:
+        model: The model.
+        corrupted_tokens: ``[batch, pos]``.
+        patches: ``(hook name, setter, index, clean activation)`` per patched copy; ``setter`` is
+            called as TL's patch setters are: ``setter(corrupted_activation, index, clean_activation)``
+            on the copy's own ``[batch, ...]`` slice, and returns the patched activation.
+        on_logits: Called with ``(patch number, logits [batch, pos, d_vocab])`` for every patch.
+    """
+    b, n_pos = corrupted_tokens.shape
+    per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
+    starts = range(0, len(patches), per_forward)
+    for start in tqdm(starts, desc="patching", unit="forward", disable=not progress):
+        chunk = patches[start : start + per_forward]
+        by_name: dict[str, list[tuple[int, Callable, Sequence[int], Tensor]]] = defaultdict(list)
+        for c, (name, setter, index, clean) in enumerate(chunk):
+            by_name[name].append((c, setter, index, clean))
+
+        def make_hook(items: list[tuple[int, Callable, Sequence[int], Tensor]]):
+            def hook(act: Tensor, hook: Any = None) -> Tensor:
+                act = act.clone()
+                for c, setter, index, clean in items:
+                    part = act[c * b : (c + 1) * b]
+                    out = setter(part, index, clean)
+                    if out is not part:
+                        act[c * b : (c + 1) * b] = out
+                return act
+
+            return hook
+
+        tokens = corrupted_tokens.repeat(len(chunk), 1)
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(i)) for n, i in by_name.items()])
+        for c in range(len(chunk)):
+            on_logits(start + c, logits[c * b : (c + 1) * b])
+
+
+# --------------------------------------------------------------------------------------------------
+# The TransformerLens-compatible API
+# --------------------------------------------------------------------------------------------------
+
+
+def generic_activation_patch(
+    model: Any,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache: ActivationCache,
+    patching_metric: Union[MetricFn, Mapping[str, MetricFn]],
+    patch_setter: Callable[[Tensor, Sequence[int], Tensor], Tensor],
+    activation_name: str,
+    index_axis_names: Optional[Sequence[str]] = None,
+    index_df: Any = None,
+    return_index_df: bool = False,
+    *,
+    reduce: str = "scalar",
+    baseline: bool = False,
+    max_batch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    progress: bool = True,
+) -> Union[Tensor, tuple[Tensor, Any], PatchingResult]:
+    """``transformer_lens.patching.generic_activation_patch``, batched.
+
+    Same arguments, meaning and return values as TransformerLens's function (see its docstring): for
+    every index (a row of ``index_df``, or every combination of ``index_axis_names`` ranges, the first
+    axis being the layer), patch the clean activation ``activation_name`` into the corrupted run with
+    ``patch_setter`` and evaluate ``patching_metric`` on the patched logits.
+
+    Args:
+        model: The model (a ``TransformerBridge``).
+        corrupted_tokens: ``[batch, pos]`` tokens of the corrupted run.
+        clean_cache: Activations of the clean run (it needs ``activation_name`` at every patched layer).
+        patching_metric: Logits ``[batch, pos, d_vocab]`` -> scalar (``reduce="scalar"``) or
+            ``[batch]`` (``"mean"``, ``"none"``); or a mapping ``{name: metric}``.
+        patch_setter: ``setter(corrupted_activation, index, clean_activation) -> patched`` (TL's setters).
+        activation_name: A ``get_act_name`` short name (``"resid_pre"``, ``"z"``, ``"pattern"``, ...).
+        index_axis_names: Axes to sweep: ``"layer"``, ``"pos"``, ``"head_index"``, ``"head"``,
+            ``"src_pos"``, ``"dest_pos"``.
+        index_df: Explicit indices (a pandas DataFrame, one row per patch); the output is then flat.
+        return_index_df: Also return the index DataFrame (tensor return only).
+        reduce: ``"scalar"``, ``"mean"`` or ``"none"`` (see TL).
+        baseline: Also evaluate the unpatched corrupted run (returns a ``PatchingResult``).
+        max_batch: The most sequences in one forward pass (see :func:`copies_per_forward`).
+        memory_budget: Bytes one forward pass may use (default: a quarter of the free memory).
+        progress: Show a progress bar over forward passes.
+
+    Returns:
+        As TL: a tensor shaped by the index axes (or flat with ``index_df``), optionally with the index
+        DataFrame, or a ``PatchingResult`` when ``reduce="none"``, ``baseline=True`` or a metric
+        mapping was given.
+    """
+    if reduce not in _REDUCE_MODES:
+        raise ValueError(f"reduce must be one of {_REDUCE_MODES}, got {reduce!r}")
+    if isinstance(patching_metric, Mapping):
+        metrics = dict(patching_metric)
+        if not metrics:
+            raise ValueError("patching_metric mapping must contain at least one metric")
+        has_metric_axis = True
+    else:
+        metrics, has_metric_axis = {"metric": patching_metric}, False
+    want_result = has_metric_axis or reduce == "none" or baseline
+    if want_result and return_index_df:
+        raise ValueError("return_index_df only applies to the tensor return; a PatchingResult carries index_df")
+    if corrupted_tokens.ndim != 2:
+        raise ValueError(f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}")
+
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
+        n_heads = model.cfg.n_heads
+        if activation_name in ("k", "v") and getattr(model.cfg, "n_key_value_heads", None):
+            n_heads = model.cfg.n_key_value_heads
+        n_pos = int(corrupted_tokens.shape[-1])
+        ranges = {"layer": model.cfg.n_layers, "pos": n_pos, "src_pos": n_pos, "dest_pos": n_pos,
+                  "head_index": n_heads, "head": n_heads}
+        unknown = [a for a in index_axis_names if a not in ranges]
+        if unknown:
+            raise ValueError(f"unknown index axis name(s) {unknown}; valid: {sorted(ranges)}")
+        axis_ranges = [ranges[a] for a in index_axis_names]
+        indices = [list(i) for i in itertools.product(*[range(r) for r in axis_ranges])]
+        cell_shape: tuple[int, ...] = tuple(axis_ranges)
+        flattened = False
+    else:
+        if index_axis_names is not None:
+            raise ValueError("give index_axis_names or index_df, not both")
+        indices = [[int(v) for v in row] for row in index_df.itertuples(index=False)]
+        cell_shape = (len(indices),)
+        flattened = True
+
+    batch_size = int(corrupted_tokens.shape[0])
+    per_example = reduce != "scalar"
+    store = torch.zeros((len(metrics), *cell_shape, *((batch_size,) if per_example else ())),
+                        device=model.cfg.device)
+
+    def evaluate(logits: Tensor) -> Tensor:
+        rows = []
+        for name, fn in metrics.items():
+            out = torch.as_tensor(fn(logits))
+            if per_example and (out.ndim != 1 or out.shape[0] != batch_size):
+                raise ValueError(
+                    f"patching_metric {name!r} must return a [batch] tensor of length {batch_size} under "
+                    f"reduce={reduce!r}, got shape {tuple(out.shape)}"
+                )
+            if not per_example and out.ndim != 0:
+                raise ValueError(
+                    f"patching_metric {name!r} must return a scalar under reduce='scalar', got shape "
+                    f"{tuple(out.shape)}; return a [batch] tensor and pass reduce='mean' or 'none'"
+                )
+            rows.append(out.detach())
+        return torch.stack(rows).to(store.dtype)
+
+    baseline_values = None
+    if baseline:
+        with torch.no_grad():
+            baseline_values = evaluate(model(corrupted_tokens))
+
+    patches = []
+    for index in indices:
+        name = get_act_name(activation_name, index[0])
+        if name not in clean_cache.cache_dict:
+            raise ValueError(
+                f"clean_cache has no {name!r}; run the clean pass with names_filter including it "
+                f"(it holds {len(clean_cache.cache_dict)} entries)."
+            )
+        patches.append((name, patch_setter, index, clean_cache[name]))
+
+    def store_values(i: int, logits: Tensor) -> None:
+        values = evaluate(logits)
+        if flattened:
+            store[:, i] = values
+        else:
+            store[(slice(None), *indices[i])] = values
+
+    _run_patched(model, corrupted_tokens, patches, store_values,
+                 max_batch=max_batch, memory_budget=memory_budget, progress=progress)
+
+    if reduce == "mean":
+        store = store.mean(dim=-1)
+        if baseline_values is not None:
+            baseline_values = baseline_values.mean(dim=-1)
+    if not want_result:
+        if return_index_df:
+            names = list(index_axis_names) if index_axis_names is not None else list(index_df.columns)
+            df = index_df if index_df is not None else make_df_from_ranges(list(cell_shape), names)
+            return store[0], df
+        return store[0]
+    df = index_df if index_df is not None else make_df_from_ranges(list(cell_shape), list(index_axis_names))
+    return PatchingResult(
+        values=store if has_metric_axis else store[0],
+        axis_names=[] if flattened else list(index_axis_names or []),
+        index_df=df,
+        metric_names=list(metrics),
+        reduced=reduce != "none",
+        baseline=None if baseline_values is None else (baseline_values if has_metric_axis else baseline_values[0]),
+        has_metric_axis=has_metric_axis,
+    )
+
+
+def _specialise(setter: Callable, name: str, axes: tuple[str, ...], doc: str) -> Callable:
+    fn = partial(generic_activation_patch, patch_setter=setter, activation_name=name, index_axis_names=axes)
+    fn.__doc__ = (
+        f"{doc} Batched drop-in for ``transformer_lens.patching``'s function of the same name; see "
+        f":func:`generic_activation_patch` for the arguments (``model, corrupted_tokens, clean_cache, "
+        f"patching_metric``, ``reduce=``, ``baseline=``, ``max_batch=``, ``memory_budget=``, "
+        f"``progress=``). Returns ``[{', '.join(axes)}]``."
+    )
+    return fn
+
+
+get_act_patch_resid_pre = _specialise(layer_pos_patch_setter, "resid_pre", ("layer", "pos"), "Residual stream at the start of each block, by position.")
+get_act_patch_resid_mid = _specialise(layer_pos_patch_setter, "resid_mid", ("layer", "pos"), "Residual stream between attention and MLP, by position.")
+get_act_patch_attn_out = _specialise(layer_pos_patch_setter, "attn_out", ("layer", "pos"), "Output of each attention layer, by position.")
+get_act_patch_mlp_out = _specialise(layer_pos_patch_setter, "mlp_out", ("layer", "pos"), "Output of each MLP layer, by position.")
+get_act_patch_attn_head_out_by_pos = _specialise(layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"), "Each head's output (z), by position.")
+get_act_patch_attn_head_q_by_pos = _specialise(layer_pos_head_vector_patch_setter, "q", ("layer", "pos", "head"), "Each head's queries, by position.")
+get_act_patch_attn_head_k_by_pos = _specialise(layer_pos_head_vector_patch_setter, "k", ("layer", "pos", "head"), "Each key/value head's keys, by position.")
+get_act_patch_attn_head_v_by_pos = _specialise(layer_pos_head_vector_patch_setter, "v", ("layer", "pos", "head"), "Each key/value head's values, by position.")
+get_act_patch_attn_head_pattern_by_pos = _specialise(layer_head_pos_pattern_patch_setter, "pattern", ("layer", "head_index", "dest_pos"), "Each head's attention pattern, by destination position.")
+get_act_patch_attn_head_pattern_dest_src_pos = _specialise(layer_head_dest_src_pos_pattern_patch_setter, "pattern", ("layer", "head_index", "dest_pos", "src_pos"), "Each head's attention pattern, by destination and source position.")
+get_act_patch_attn_head_out_all_pos = _specialise(layer_head_vector_patch_setter, "z", ("layer", "head"), "Each head's output (z) at every position at once.")
+get_act_patch_attn_head_q_all_pos = _specialise(layer_head_vector_patch_setter, "q", ("layer", "head"), "Each head's queries at every position at once.")
+get_act_patch_attn_head_k_all_pos = _specialise(layer_head_vector_patch_setter, "k", ("layer", "head"), "Each key/value head's keys at every position at once.")
+get_act_patch_attn_head_v_all_pos = _specialise(layer_head_vector_patch_setter, "v", ("layer", "head"), "Each key/value head's values at every position at once.")
+get_act_patch_attn_head_pattern_all_pos = _specialise(layer_head_pattern_patch_setter, "pattern", ("layer", "head_index"), "Each head's whole attention pattern.")
+
+_HEAD_ALL_POS = (get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos,
+                 get_act_patch_attn_head_k_all_pos, get_act_patch_attn_head_v_all_pos,
+                 get_act_patch_attn_head_pattern_all_pos)
+_HEAD_BY_POS = (get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos,
+                get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos,
+                get_act_patch_attn_head_pattern_by_pos)
+
+
+def _pad_heads(tensors: list[Tensor], n_heads: int) -> list[Tensor]:
+    """Zero-pad GQA ``k`` / ``v`` sweeps (indices 2 and 3) to ``n_heads`` on the last axis, as TL does."""
+    for i in (2, 3):
+        tensors[i] = torch.nn.functional.pad(tensors[i], (0, n_heads - tensors[i].size(-1)))
+    return tensors
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """Every head (all positions at once) for out, q, k, v, pattern: ``[5, n_layers, n_heads]``
+    (drop-in for TL's function of the same name; ``k`` / ``v`` zero-padded for GQA)."""
+    results = _tl._run_sweeps(_HEAD_ALL_POS, (("layer", "head"),) * 4 + (("layer", "head_index"),),
+                              model, corrupted_tokens, clean_cache, metric, kwargs)
+    if all(isinstance(r, Tensor) for r in results):
+        return torch.stack(_pad_heads(list(results), results[0].size(-1)), dim=0)
+    return _tl._stack_patch_types(results, axis_order=("layer", "head"), n_heads=model.cfg.n_heads,
+                                  type_names=_tl._HEAD_TYPES)
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """Every head by position for out, q, k, v, pattern: ``[5, n_layers, pos, n_heads]`` (drop-in for
+    TL's function of the same name)."""
+    results = _tl._run_sweeps(_HEAD_BY_POS, (("layer", "pos", "head"),) * 4 + (("layer", "head_index", "dest_pos"),),
+                              model, corrupted_tokens, clean_cache, metric, kwargs)
+    if all(isinstance(r, Tensor) for r in results):
+        tensors = _pad_heads(list(results), results[0].size(-1))
+        tensors[4] = einops.rearrange(tensors[4], "layer head pos -> layer pos head")
+        return torch.stack(tensors, dim=0)
+    return _tl._stack_patch_types(results, axis_order=("layer", "pos", "head"), n_heads=model.cfg.n_heads,
+                                  type_names=_tl._HEAD_TYPES)
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """resid_pre, attn_out and mlp_out by layer and position: ``[3, n_layers, pos]`` (drop-in for TL's
+    function of the same name)."""
+    results = _tl._run_sweeps((get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out),
+                              (("layer", "pos"),) * 3, model, corrupted_tokens, clean_cache, metric, kwargs)
+    if all(isinstance(r, Tensor) for r in results):
+        return torch.stack(list(results), dim=0)
+    return _tl._stack_patch_types(results, axis_order=("layer", "pos"), n_heads=0, type_names=_tl._BLOCK_TYPES)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def _answer_logits(logits: Tensor, tokens: Union[int, Sequence[int], Tensor], position: int) -> Tensor:
+    """``[batch]`` logits of one answer token per prompt at ``position``."""
+    at = logits[:, position]
+    idx = torch.as_tensor(tokens, device=logits.device).reshape(-1)
+    if idx.numel() == 1:
+        idx = idx.expand(at.shape[0])
+    if idx.numel() != at.shape[0]:
+        raise ValueError(f"give one answer token or one per prompt ({at.shape[0]}), got {idx.numel()}")
+    return at.gather(-1, idx[:, None])[:, 0]
+
+
+def logit_diff_metric(
+    correct: Union[int, Sequence[int], Tensor],
+    incorrect: Union[int, Sequence[int], Tensor],
+    position: int = -1,
+    reduce: str = "mean",
+) -> MetricFn:
+    """``logit[correct] - logit[incorrect]`` at ``position`` (one token, or one per prompt), averaged
+    over the batch (``reduce="mean"``) or per prompt (``"none"``: a ``[batch]`` tensor)."""
+    if reduce not in ("mean", "none"):
+        raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
+
+    def metric(logits: Tensor) -> Tensor:
+        diff = _answer_logits(logits, correct, position) - _answer_logits(logits, incorrect, position)
+        return diff.mean() if reduce == "mean" else diff
+
+    return metric
+
+
+def prob_metric(
+    token: Union[int, Sequence[int], Tensor], position: int = -1, log: bool = False, reduce: str = "mean"
+) -> MetricFn:
+    """Probability (``log=True``: log-probability) of ``token`` at ``position``, averaged over the
+    batch (``reduce="mean"``) or per prompt (``"none"``)."""
+    if reduce not in ("mean", "none"):
+        raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
+
+    def metric(logits: Tensor) -> Tensor:
+        logp = _answer_logits(logits[:, [position]].log_softmax(-1), token, 0)
+        value = logp if log else logp.exp()
+        return value.mean() if reduce == "mean" else value
+
+    return metric
+
+
+def normalized_metric(metric: MetricFn, clean_logits: Tensor, corrupted_logits: Tensor) -> MetricFn:
+    """``(metric(patched) - metric(corrupted)) / (metric(clean) - metric(corrupted))``: 0 = the patch
+    did nothing, 1 = it restored the clean run.
+
+    Raises:
+        ValueError: If the metric is the same on the clean and corrupted runs (no scale to normalise by).
+    """
+    with torch.no_grad():
+        clean, corrupted = metric(clean_logits), metric(corrupted_logits)
+    scale = clean - corrupted
+    if bool((scale.abs() < 1e-8).any()):
+        raise ValueError(
+            f"normalized_metric: the metric is {float(clean.mean()):.6g} on both the clean and the corrupted "
+            "run, so there is nothing to normalise by; choose prompts or a metric that tell them apart."
+        )
+    return lambda logits: (metric(logits) - corrupted) / scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Spec-driven sweeps and plots
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class PatchSweep:
+    """The result of :func:`activation_patch`.
+
+    Attributes:
+        values: ``[len(layers), len(positions) or len(heads) ...]`` metric values (axes as ``axis_names``).
+        axis_names: ``("layer", "pos")``, ``("layer", "head")`` or ``("layer", "pos", "head")``.
+        layers / positions / heads: The indices each axis stands for.
+        hook: The short hook name that was patched.
+        labels: Token strings for the positions (if known).
+    """
+
+    values: Tensor
+    axis_names: tuple[str, ...]
+    layers: list[int]
+    positions: Optional[list[int]]
+    heads: Optional[list[int]]
+    hook: str
+    labels: Optional[list[str]] = None
+
+    def plot(self, path: Union[str, Path], title: Optional[str] = None) -> Path:
+        """Heatmap PNG of a 2-D sweep (``layer x pos`` or ``layer x head``)."""
+        if self.values.ndim != 2:
+            raise ValueError(f"plot needs a 2-D sweep, this one is {self.axis_names}; index it first.")
+        cols = self.positions if self.axis_names[1] == "pos" else self.heads
+        labels = [f"{p} {self.labels[p]!r}" for p in cols] if self.labels and self.axis_names[1] == "pos" else [str(c) for c in cols]
+        return plot_heatmap(self.values, path, row_labels=[str(l) for l in self.layers], col_labels=labels,
+                            xlabel=self.axis_names[1], ylabel="layer", title=title or f"patching {self.hook}")
+
+
+def activation_patch(
+    model: Any,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache: ActivationCache,
+    metric: MetricFn,
+    hook: str = "resid_pre",
+    *,
+    layers: SpecLike = "all",
+    positions: SpecLike = "all",
+    heads: SpecLike = None,
+    max_batch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    progress: bool = True,
+) -> PatchSweep:
+    """Patch the clean ``hook`` into the corrupted run at every selected layer x position (x head).
+
+    Args:
+        model: The model.
+        corrupted_tokens: ``[batch, pos]``.
+        clean_cache: The clean run's activations (needs ``hook`` at the selected layers).
+        metric: Logits -> scalar.
+        hook: Any per-layer name :func:`minterp_tl.names.resolve_name` accepts (``"resid_pre"``,
+            ``"attn_out"``, ``"z"``, ``"mlp.hook_post"``, ...).
+        layers: Layer spec (``"n//2:"``, ``[0, 5]``, ...).
+        positions: Position spec (``"-3:"``, ``"last"``; ``None``: all positions at once, for a
+            ``layer x head`` sweep). For ``pattern`` / ``attn_scores`` these are query positions.
+        heads: Head spec for hooks with a head axis; ``None``: no head axis in the sweep.
+
+    Returns:
+        A :class:`PatchSweep` with values ``[layers, positions]``, ``[layers, heads]`` or
+        ``[layers, positions, heads]``.
+    """
+    n_layers, n_pos = model.cfg.n_layers, int(corrupted_tokens.shape[-1])
+    layer_idx = resolve(layers, n_layers, what="layer")
+    names = [resolve_name(model, hook, l) for l in layer_idx]
+    pos_axis, head_axis = hook_layout(names[0], 4)
+    pos_idx = None if positions is None else resolve(positions, n_pos, what="position")
+    head_idx = None
+    if heads is not None:
+        if head_axis is None:
+            raise ValueError(f"heads={heads!r} given for {names[0]}, which has no head axis.")
+        kv = getattr(model.cfg, "n_key_value_heads", None)
+        n_heads = kv if kv and names[0].endswith(("hook_k", "hook_v")) else model.cfg.n_heads
+        head_idx = resolve(heads, n_heads, what="head")
+    if pos_idx is None and head_idx is None:
+        raise ValueError("activation_patch needs positions, heads, or both to sweep over.")
+
+    def setter(act: Tensor, index: Sequence[int], clean: Tensor) -> Tensor:
+        sel: list[Any] = [slice(None)] * act.ndim
+        _, p, h = index
+        if p is not None:
+            sel[pos_axis] = p
+        if h is not None:
+            sel[head_axis] = h
+        act[tuple(sel)] = clean[tuple(sel)]
+        return act
+
+    grid = list(itertools.product(range(len(layer_idx)), range(len(pos_idx or [None])), range(len(head_idx or [None]))))
+    patches = []
+    for li, pi, hi in grid:
+        name = names[li]
+        if name not in clean_cache.cache_dict:
+            raise ValueError(f"clean_cache has no {name!r}; cache it in the clean run.")
+        index = (layer_idx[li], None if pos_idx is None else pos_idx[pi], None if head_idx is None else head_idx[hi])
+        patches.append((name, setter, index, clean_cache[name]))
+    values = torch.zeros(len(grid))
+
+    def on_logits(i: int, logits: Tensor) -> None:
+        out = torch.as_tensor(metric(logits))
+        if out.ndim != 0:
+            raise ValueError(f"metric must return a scalar, got shape {tuple(out.shape)}")
+        values[i] = float(out)
+
+    _run_patched(model, corrupted_tokens, patches, on_logits,
+                 max_batch=max_batch, memory_budget=memory_budget, progress=progress)
+    shape = [len(layer_idx)] + ([len(pos_idx)] if pos_idx is not None else []) + ([len(head_idx)] if head_idx is not None else [])
+    axes = ("layer",) + (("pos",) if pos_idx is not None else ()) + (("head",) if head_idx is not None else ())
+    labels = None
+    if getattr(model, "tokenizer", None) is not None and corrupted_tokens.shape[0] == 1:
+        labels = list(model.to_str_tokens(corrupted_tokens[0]))
+    return PatchSweep(values.reshape(shape), axes, layer_idx, pos_idx, head_idx, hook, labels)
+
+
+def plot_heatmap(
+    values: Float[Tensor, "rows cols"],
+    path: Union[str, Path],
+    *,
+    row_labels: Optional[Sequence[str]] = None,
+    col_labels: Optional[Sequence[str]] = None,
+    xlabel: str = "pos",
+    ylabel: str = "layer",
+    title: str = "",
+    center: bool = True,
+) -> Path:
+    """Save a heatmap of a 2-D result (``layer x pos`` / ``layer x head``) as a PNG and return its path.
+
+    ``center=True`` uses a diverging colour map centred on 0 (patching effects have a sign). The file
+    is written to a temporary name and renamed, so it is never left half-written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = torch.as_tensor(values).detach().float().cpu()
+    if values.ndim != 2:
+        raise ValueError(f"plot_heatmap needs a 2-D tensor, got shape {tuple(values.shape)}")
+    path = Path(path)
+    rows, cols = values.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * cols + 2), max(3.0, 0.3 * rows + 1.5)))
+    vmax = float(values.abs().max()) or 1.0
+    im = ax.imshow(values.numpy(), aspect="auto", cmap="RdBu" if center else "viridis",
+                   vmin=-vmax if center else None, vmax=vmax if center else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks(range(cols))
+    ax.set_xticklabels(col_labels if col_labels is not None else [str(i) for i in range(cols)], rotation=90, fontsize=7)
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels(row_labels if row_labels is not None else [str(i) for i in range(rows)], fontsize=7)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
