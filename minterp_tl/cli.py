@@ -1,6 +1,8 @@
 """The ``minterp-tl`` command line.
 
 Subcommands:
+    lens    The logit lens of a prompt: a table of every layer's top tokens at the last position and
+            a layers x positions heatmap PNG (the main job).
     info    Load a model, print its ModelInfo and the top-k next tokens for a prompt.
 
 Bad input (unknown model, empty prompt, ...) exits with code 2 and one line on stderr.
@@ -22,6 +24,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Mechanistic interpretability on TransformerLens 4 (offline SmolLM2-135M by default).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lens = sub.add_parser("lens", help="logit lens: every layer's top tokens, as a table and a PNG heatmap")
+    lens.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"prompt (default: {DEFAULT_PROMPT!r})")
+    lens.add_argument("--model", default="smollm2-135m", help="model name or local HF directory (default: smollm2-135m)")
+    lens.add_argument("--top-k", type=int, default=3, help="top tokens per layer in the table (default: 3)")
+    lens.add_argument("--answer", help="a single-token answer to track (default: the model's own top prediction)")
+    lens.add_argument("--out", default="lens.png", help="where to write the heatmap PNG (default: lens.png)")
+    lens.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     info = sub.add_parser("info", help="load a model, print its ModelInfo and the top next tokens")
     info.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"prompt (default: {DEFAULT_PROMPT!r})")
@@ -72,11 +82,46 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lens(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minterp_tl.lens import logit_lens
+    from minterp_tl.models import load_model
+
+    if not args.prompt.strip():
+        return _fail("the prompt is empty; give some text, e.g. minterp-tl lens \"The capital of France is\"")
+    if args.top_k < 1:
+        return _fail(f"--top-k must be >= 1, got {args.top_k}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png" or not out.parent.is_dir():
+        return _fail(f"--out must be a .png path in an existing directory, got {args.out!r}")
+    try:
+        model = load_model(args.model, progress=not args.no_progress)
+    except (ValueError, ImportError) as err:
+        return _fail(str(err).splitlines()[0])
+    if model.tokenizer is None:
+        return _fail(f"model {args.model!r} has no tokenizer; cannot read a text prompt")
+    lens = logit_lens(model, args.prompt)
+    answer = args.answer
+    if answer is None:
+        answer = int(lens.logits[-1, 0, -1].argmax())
+    try:
+        table = lens.table(position=-1, k=args.top_k, answer=answer)
+    except ValueError as err:
+        return _fail(str(err))
+    print(table)
+    lens.plot(out)
+    print(f"\nheatmap written to {out}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``minterp-tl``; returns the exit code."""
     args = _parser().parse_args(argv)
     if args.command == "info":
         return _cmd_info(args)
+    if args.command == "lens":
+        return _cmd_lens(args)
     return _fail(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
 
 
