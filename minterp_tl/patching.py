@@ -29,11 +29,14 @@ Also here:
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
+import weakref
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -125,52 +128,183 @@ def copies_per_forward(
     return int(max(1, min(max_batch // batch, by_memory)))
 
 
+@dataclass(frozen=True, eq=False)
+class _Patch:
+    """One patched copy: TL-style ``setter(corrupted, index, clean)`` at hook ``name``.
+
+    ``layer`` / ``first_pos`` bound what the patch can change: nothing below block ``layer`` and
+    (causal attention) nothing before position ``first_pos``.
+    """
+
+    name: str
+    setter: Callable
+    index: Sequence[int]
+    clean: Tensor
+    layer: int
+    first_pos: int
+
+
+_SKIP_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _skip_blocks(model: Any, n: int) -> Iterator[None]:
+    """Make blocks ``0..n-1`` return their input unchanged (their output is discarded anyway when
+    ``start_at_layer=n`` swaps the residual in at block ``n``)."""
+    skipped = []
+    try:
+        for block in list(model.blocks)[:n]:
+            inner = block.original_component
+            inner.forward = _identity
+            skipped.append(inner)
+        yield
+    finally:
+        for inner in skipped:
+            del inner.forward
+
+
+def _identity(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return hidden_states
+
+
+class _Corrupted:
+    """The corrupted run, cached once: logits, the residual entering every block, the activations
+    of the patched hooks, and (when the model supports it) its key/value cache."""
+
+    def __init__(self, model: Any, tokens: Tensor, names: set[str]) -> None:
+        n = model.cfg.n_layers
+        wanted = names | {f"blocks.{l}.hook_resid_pre" for l in range(n)}
+        with torch.no_grad():
+            self.logits, cache = model.run_with_cache(tokens, names_filter=lambda x: x in wanted)
+        self.acts = {k: cache[k] for k in wanted if k in cache.cache_dict}
+        self.kv = None
+        try:
+            with torch.no_grad():
+                _, self.kv = model(tokens, return_type="logits_and_cache")
+        except Exception:  # noqa: BLE001 - no KV cache: positions are not skipped
+            self.kv = None
+
+    def past(self, p0: int, copies: int) -> Any:
+        """The key/value cache of positions ``0..p0-1``, repeated for ``copies`` copies of the batch."""
+        past = copy.deepcopy(self.kv)
+        past.crop(p0 - past.get_seq_length())
+        past.batch_repeat_interleave(copies)
+        return past
+
+
+def _forward(model: Any, corrupted: _Corrupted, tokens: Tensor, copies: int, l0: int, p0: int, hooks: list) -> Tensor:
+    """Logits ``[copies * batch, pos - p0, d_vocab]`` of ``copies`` copies of the corrupted batch with
+    ``hooks``, starting at block ``l0`` and position ``p0`` (``l0 = p0 = 0``: a plain forward)."""
+    with torch.no_grad():
+        if l0 == 0 and p0 == 0:
+            return model.run_with_hooks(tokens.repeat(copies, 1), fwd_hooks=hooks)
+        resid = corrupted.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(copies, 1, 1)
+        past = corrupted.past(p0, copies) if p0 > 0 else None
+        with _skip_blocks(model, l0):
+            return model.run_with_hooks(resid, fwd_hooks=hooks, start_at_layer=l0, past_key_values=past)
+
+
+def _can_skip(model: Any, corrupted: _Corrupted, tokens: Tensor) -> bool:
+    """Whether starting at a block / position reproduces the plain corrupted run on this model
+    (checked once per model, on the first call)."""
+    if model in _SKIP_OK:
+        return _SKIP_OK[model]
+    ok = False
+    n_pos, n = tokens.shape[1], model.cfg.n_layers
+    if corrupted.kv is not None and n_pos > 1 and hasattr(model, "blocks"):
+        try:
+            l0, p0 = n // 2, n_pos // 2
+            out = _forward(model, corrupted, tokens, 1, l0, p0, [])
+            ok = bool((out - corrupted.logits[:, p0:]).abs().max() <= 1e-4)
+        except Exception:  # noqa: BLE001 - any failure means: run full forwards
+            ok = False
+    _SKIP_OK[model] = ok
+    return ok
+
+
+def _tiles(patches: Sequence[_Patch], per_forward: int, n_layers: int, n_pos: int) -> list[list[int]]:
+    """Group patches into chunks of at most ``per_forward`` that share a high start layer and start
+    position: tiles of the (layer, first position) plane, about square relative to its extent."""
+    order = sorted(range(len(patches)), key=lambda i: (patches[i].layer, patches[i].first_pos))
+    per_cell = max(1, len(patches) // max(1, n_layers * n_pos))
+    cells = max(1, per_forward // per_cell)
+    tile_l = max(1, min(n_layers, round((cells * n_layers / n_pos) ** 0.5)))
+    tile_p = max(1, cells // tile_l)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i in order:
+        groups[(patches[i].layer // tile_l, patches[i].first_pos // tile_p)].append(i)
+    chunks = []
+    for key in sorted(groups):
+        members = groups[key]
+        chunks += [members[j : j + per_forward] for j in range(0, len(members), per_forward)]
+    return chunks
+
+
 def _run_patched(
     model: Any,
     corrupted_tokens: Int[Tensor, "batch pos"],
-    patches: Sequence[tuple[str, Callable, Sequence[int], Tensor]],
+    patches: Sequence[_Patch],
     on_logits: Callable[[int, Tensor], None],
     *,
     max_batch: Optional[int],
     memory_budget: Optional[int],
     progress: bool,
+    skip: bool = True,
 ) -> None:
     """Run every patch, many per forward pass.
 
-    Args:
-        model: The model.
-        corrupted_tokens: ``[batch, pos]``.
-        patches: ``(hook name, setter, index, clean activation)`` per patched copy; ``setter`` is
-            called as TL's patch setters are: ``setter(corrupted_activation, index, clean_activation)``
-            on the copy's own ``[batch, ...]`` slice, and returns the patched activation.
-        on_logits: Called with ``(patch number, logits [batch, pos, d_vocab])`` for every patch.
+    Each patched copy of the corrupted batch is patched by its own setter, called as TL's patch
+    setters are: ``setter(corrupted_activation, index, clean_activation)`` on the copy's own
+    ``[batch, ...]`` slice. With ``skip`` (and a model where it is exact, see :func:`_can_skip`), a
+    chunk starts at its lowest patched block, from the corrupted run's residual there, and at its
+    lowest first-affected position, from the corrupted run's key/value cache: what a patch cannot
+    change is not recomputed. The hooks then see only positions ``p0..``; each setter still gets the
+    full-length activation (the corrupted prefix is put in front), so any setter works unchanged.
+    ``on_logits(patch number, logits [batch, pos, d_vocab])`` gets full-length logits (the prefix
+    from the corrupted run).
     """
     b, n_pos = corrupted_tokens.shape
+    n_layers = model.cfg.n_layers
     per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
-    starts = range(0, len(patches), per_forward)
-    for start in tqdm(starts, desc="patching", unit="forward", disable=not progress):
-        chunk = patches[start : start + per_forward]
-        by_name: dict[str, list[tuple[int, Callable, Sequence[int], Tensor]]] = defaultdict(list)
-        for c, (name, setter, index, clean) in enumerate(chunk):
-            by_name[name].append((c, setter, index, clean))
+    corrupted = _Corrupted(model, corrupted_tokens, {p.name for p in patches}) if skip else None
+    skip = skip and _can_skip(model, corrupted, corrupted_tokens)
+    chunks = _tiles(patches, per_forward, n_layers, n_pos) if skip else [
+        list(range(i, min(i + per_forward, len(patches)))) for i in range(0, len(patches), per_forward)
+    ]
+    for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
+        l0 = min(patches[i].layer for i in chunk) if skip else 0
+        p0 = min(patches[i].first_pos for i in chunk) if skip else 0
+        by_name: dict[str, list[tuple[int, _Patch]]] = defaultdict(list)
+        for c, i in enumerate(chunk):
+            by_name[patches[i].name].append((c, patches[i]))
 
-        def make_hook(items: list[tuple[int, Callable, Sequence[int], Tensor]]):
+        def make_hook(name: str, items: list[tuple[int, _Patch]]):
+            pos_axis, _ = hook_layout(name, 4)
+
             def hook(act: Tensor, hook: Any = None) -> Tensor:
                 act = act.clone()
-                for c, setter, index, clean in items:
+                prefix = None
+                if p0 > 0:
+                    prefix = corrupted.acts[name].narrow(pos_axis, 0, p0)
+                for c, patch in items:
                     part = act[c * b : (c + 1) * b]
-                    out = setter(part, index, clean)
+                    full = part if prefix is None else torch.cat([prefix, part], dim=pos_axis)
+                    out = patch.setter(full, patch.index, patch.clean)
+                    if prefix is not None:
+                        out = out.narrow(pos_axis, p0, out.shape[pos_axis] - p0)
                     if out is not part:
                         act[c * b : (c + 1) * b] = out
                 return act
 
             return hook
 
-        tokens = corrupted_tokens.repeat(len(chunk), 1)
-        with torch.no_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(i)) for n, i in by_name.items()])
-        for c in range(len(chunk)):
-            on_logits(start + c, logits[c * b : (c + 1) * b])
+        hooks = [(n, make_hook(n, items)) for n, items in by_name.items()]
+        logits = _forward(model, corrupted, corrupted_tokens, len(chunk), l0, p0, hooks)
+        for c, i in enumerate(chunk):
+            out = logits[c * b : (c + 1) * b]
+            if p0 > 0:
+                out = torch.cat([corrupted.logits[:, :p0], out], dim=1)
+            on_logits(i, out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +424,7 @@ def generic_activation_patch(
         with torch.no_grad():
             baseline_values = evaluate(model(corrupted_tokens))
 
+    axis_names = list(index_axis_names) if index_axis_names is not None else list(index_df.columns)
     patches = []
     for index in indices:
         name = get_act_name(activation_name, index[0])
@@ -298,7 +433,7 @@ def generic_activation_patch(
                 f"clean_cache has no {name!r}; run the clean pass with names_filter including it "
                 f"(it holds {len(clean_cache.cache_dict)} entries)."
             )
-        patches.append((name, patch_setter, index, clean_cache[name]))
+        patches.append(_Patch(name, patch_setter, index, clean_cache[name], index[0], _first_pos(index, axis_names)))
 
     def store_values(i: int, logits: Tensor) -> None:
         values = evaluate(logits)
@@ -330,6 +465,14 @@ def generic_activation_patch(
         baseline=None if baseline_values is None else (baseline_values if has_metric_axis else baseline_values[0]),
         has_metric_axis=has_metric_axis,
     )
+
+
+def _first_pos(index: Sequence[int], axis_names: Sequence[str]) -> int:
+    """The first position a patch at ``index`` can change (its query / destination position)."""
+    for axis in ("pos", "dest_pos"):
+        if axis in axis_names:
+            return int(index[list(axis_names).index(axis)])
+    return 0
 
 
 def _specialise(setter: Callable, name: str, axes: tuple[str, ...], doc: str) -> Callable:
@@ -575,7 +718,7 @@ def activation_patch(
         if name not in clean_cache.cache_dict:
             raise ValueError(f"clean_cache has no {name!r}; cache it in the clean run.")
         index = (layer_idx[li], None if pos_idx is None else pos_idx[pi], None if head_idx is None else head_idx[hi])
-        patches.append((name, setter, index, clean_cache[name]))
+        patches.append(_Patch(name, setter, index, clean_cache[name], index[0], index[1] or 0))
     values = torch.zeros(len(grid))
 
     def on_logits(i: int, logits: Tensor) -> None:

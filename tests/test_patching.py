@@ -149,3 +149,31 @@ def test_smollm2_resid_pre_sweep_equals_transformer_lens(smollm2) -> None:
     # patching the subject token early restores the answer; the last position late does too
     assert full[0, 4] > 0 and full[29, 5] > 0 and full[0, 2] < full[0, 4]
     assert torch.allclose(full[0, 4], metric(clean_logits), atol=1e-3)  # all of layer 0's subject info
+
+
+@pytest.mark.parametrize(
+    "act,setter,axes",
+    [
+        ("z", tl_patching.layer_pos_head_vector_patch_setter, ["layer", "pos", "head"]),
+        ("k", tl_patching.layer_pos_head_vector_patch_setter, ["layer", "pos", "head"]),
+        ("v", tl_patching.layer_head_vector_patch_setter, ["layer", "head"]),
+        ("pattern", tl_patching.layer_head_pos_pattern_patch_setter, ["layer", "head_index", "dest_pos"]),
+        ("mlp_out", tl_patching.layer_pos_patch_setter, ["layer", "pos"]),
+    ],
+)
+def test_smollm2_skipping_path_equals_transformer_lens(smollm2, act, setter, axes) -> None:
+    """On SmolLM2 chunks start at their lowest patched block and position (corrupted residual and
+    key/value cache); every hook kind must still give TL's numbers."""
+    clean = smollm2.to_tokens("When Mary and John went to the store, John gave a drink to")
+    corrupted = smollm2.to_tokens("When Mary and John went to the store, Mary gave a drink to")
+    clean_logits, cache = smollm2.run_with_cache(clean)
+    metric = patching.logit_diff_metric(smollm2.to_single_token(" Mary"), smollm2.to_single_token(" John"))
+    n_heads = 3 if act in ("k", "v") else 9
+    ranges = {"layer": 30, "pos": clean.shape[1], "dest_pos": clean.shape[1], "head": n_heads, "head_index": n_heads}
+    df = tl_patching.make_df_from_ranges([ranges[a] for a in axes], axes).sample(12, random_state=1)
+    ours = patching.generic_activation_patch(smollm2, corrupted, cache, metric, setter, act, index_df=df,
+                                             progress=False, max_batch=4)
+    ref = tl_patching.generic_activation_patch(smollm2, corrupted, cache, metric, setter, act, index_df=df)
+    assert patching._SKIP_OK.get(smollm2) is True
+    assert (ours - ref).abs().max() <= TOL
+    assert ref.abs().max() > 0.1
