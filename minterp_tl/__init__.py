@@ -1,6 +1,9 @@
 """minterp_tl: mechanistic interpretability on TransformerLens 4."""
 
+from minterp_tl import attribution, lens, patching
+from minterp_tl.attribution import AttributionSweep, attribution_patch
 from minterp_tl.context import RepresentationContext
+from minterp_tl.lens import LensResult, logit_lens
 from minterp_tl.models import (
     DEFAULT_MODEL,
     InductionReport,
@@ -11,6 +14,7 @@ from minterp_tl.models import (
     toy_model,
     train_induction_model,
 )
+from minterp_tl.patching import PatchSweep, activation_patch
 from minterp_tl.names import (
     canonical_names,
     expand_name,
@@ -41,6 +45,15 @@ from minterp_tl.wrapper import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttributionSweep",
+    "LensResult",
+    "PatchSweep",
+    "activation_patch",
+    "attribution",
+    "attribution_patch",
+    "lens",
+    "logit_lens",
+    "patching",
     "Add",
     "Compose",
     "DEFAULT_MODEL",

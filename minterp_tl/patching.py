@@ -11,7 +11,9 @@ needs::
 
 The difference is how the work is done: many patched copies of the corrupted batch run in one
 batched forward pass (``[copies * batch, pos]``), each copy with its own patch applied by TL's own
-patch setters, chunked so a chunk fits the memory budget. Results equal TL's up to the rounding of
+patch setters, chunked so a chunk fits the memory budget. On Hugging Face models (SmolLM2) what a
+patch cannot change is not recomputed: a chunk of patches at blocks >= l0 and positions >= p0 starts
+at block l0 from the corrupted run's residual and at position p0 from its key/value cache. Results equal TL's up to the rounding of
 batched matrix products (``<= 1e-4`` in the tests).
 
 Keyword arguments of our own, on every function: ``max_batch`` (the most sequences in one forward),
@@ -23,7 +25,8 @@ Also here:
 - :func:`activation_patch` -- a sweep over any hook with layers / positions / heads given as specs
   (``layers="n//2:"``, ``positions="-3:"``), returning a :class:`PatchSweep` that can plot itself;
 - metrics: :func:`logit_diff_metric`, :func:`prob_metric` (probability or log-probability of a token)
-  and :func:`normalized_metric` ((patched - corrupted) / (clean - corrupted));
+  and :func:`normalized_metric` ((patched - corrupted) / (clean - corrupted)); at ``position=-1``
+  they mark themselves as reading only the last position, and patching then unembeds only that one;
 - :func:`plot_heatmap` -- any ``layer x pos`` or ``layer x head`` result as a PNG.
 """
 
@@ -192,16 +195,21 @@ class _Corrupted:
         return past
 
 
-def _forward(model: Any, corrupted: _Corrupted, tokens: Tensor, copies: int, l0: int, p0: int, hooks: list) -> Tensor:
+def _forward(
+    model: Any, corrupted: _Corrupted, tokens: Tensor, copies: int, l0: int, p0: int, hooks: list,
+    last_only: bool = False,
+) -> Tensor:
     """Logits ``[copies * batch, pos - p0, d_vocab]`` of ``copies`` copies of the corrupted batch with
-    ``hooks``, starting at block ``l0`` and position ``p0`` (``l0 = p0 = 0``: a plain forward)."""
+    ``hooks``, starting at block ``l0`` and position ``p0`` (``l0 = p0 = 0``: a plain forward);
+    ``last_only``: only the last position's logits (``[copies * batch, 1, d_vocab]``)."""
+    extra = {"logits_to_keep": 1} if last_only else {}
     with torch.no_grad():
         if l0 == 0 and p0 == 0:
-            return model.run_with_hooks(tokens.repeat(copies, 1), fwd_hooks=hooks)
+            return model.run_with_hooks(tokens.repeat(copies, 1), fwd_hooks=hooks, **extra)
         resid = corrupted.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(copies, 1, 1)
         past = corrupted.past(p0, copies) if p0 > 0 else None
         with _skip_blocks(model, l0):
-            return model.run_with_hooks(resid, fwd_hooks=hooks, start_at_layer=l0, past_key_values=past)
+            return model.run_with_hooks(resid, fwd_hooks=hooks, start_at_layer=l0, past_key_values=past, **extra)
 
 
 def _can_skip(model: Any, corrupted: _Corrupted, tokens: Tensor) -> bool:
@@ -215,7 +223,9 @@ def _can_skip(model: Any, corrupted: _Corrupted, tokens: Tensor) -> bool:
         try:
             l0, p0 = n // 2, n_pos // 2
             out = _forward(model, corrupted, tokens, 1, l0, p0, [])
-            ok = bool((out - corrupted.logits[:, p0:]).abs().max() <= 1e-4)
+            last = _forward(model, corrupted, tokens, 1, l0, p0, [], last_only=True)
+            ok = bool((out - corrupted.logits[:, p0:]).abs().max() <= 1e-4) and last.shape[1] == 1
+            ok = ok and bool((last[:, -1] - corrupted.logits[:, -1]).abs().max() <= 1e-4)
         except Exception:  # noqa: BLE001 - any failure means: run full forwards
             ok = False
     _SKIP_OK[model] = ok
@@ -250,6 +260,7 @@ def _run_patched(
     memory_budget: Optional[int],
     progress: bool,
     skip: bool = True,
+    last_only: bool = False,
 ) -> None:
     """Run every patch, many per forward pass.
 
@@ -261,13 +272,15 @@ def _run_patched(
     change is not recomputed. The hooks then see only positions ``p0..``; each setter still gets the
     full-length activation (the corrupted prefix is put in front), so any setter works unchanged.
     ``on_logits(patch number, logits [batch, pos, d_vocab])`` gets full-length logits (the prefix
-    from the corrupted run).
+    from the corrupted run) -- or, with ``last_only`` on the skipping path, only the last position's
+    ``[batch, 1, d_vocab]`` (for metrics that read nothing else).
     """
     b, n_pos = corrupted_tokens.shape
     n_layers = model.cfg.n_layers
     per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
     corrupted = _Corrupted(model, corrupted_tokens, {p.name for p in patches}) if skip else None
     skip = skip and _can_skip(model, corrupted, corrupted_tokens)
+    last_only = last_only and skip
     chunks = _tiles(patches, per_forward, n_layers, n_pos) if skip else [
         list(range(i, min(i + per_forward, len(patches)))) for i in range(0, len(patches), per_forward)
     ]
@@ -299,10 +312,10 @@ def _run_patched(
             return hook
 
         hooks = [(n, make_hook(n, items)) for n, items in by_name.items()]
-        logits = _forward(model, corrupted, corrupted_tokens, len(chunk), l0, p0, hooks)
+        logits = _forward(model, corrupted, corrupted_tokens, len(chunk), l0, p0, hooks, last_only)
         for c, i in enumerate(chunk):
             out = logits[c * b : (c + 1) * b]
-            if p0 > 0:
+            if p0 > 0 and not last_only:
                 out = torch.cat([corrupted.logits[:, :p0], out], dim=1)
             on_logits(i, out)
 
@@ -443,7 +456,8 @@ def generic_activation_patch(
             store[(slice(None), *indices[i])] = values
 
     _run_patched(model, corrupted_tokens, patches, store_values,
-                 max_batch=max_batch, memory_budget=memory_budget, progress=progress)
+                 max_batch=max_batch, memory_budget=memory_budget, progress=progress,
+                 last_only=all(_reads_last_only(fn) for fn in metrics.values()))
 
     if reduce == "mean":
         store = store.mean(dim=-1)
@@ -582,7 +596,7 @@ def logit_diff_metric(
         diff = _answer_logits(logits, correct, position) - _answer_logits(logits, incorrect, position)
         return diff.mean() if reduce == "mean" else diff
 
-    return metric
+    return _mark_last_only(metric, position)
 
 
 def prob_metric(
@@ -598,7 +612,7 @@ def prob_metric(
         value = logp if log else logp.exp()
         return value.mean() if reduce == "mean" else value
 
-    return metric
+    return _mark_last_only(metric, position)
 
 
 def normalized_metric(metric: MetricFn, clean_logits: Tensor, corrupted_logits: Tensor) -> MetricFn:
@@ -616,7 +630,21 @@ def normalized_metric(metric: MetricFn, clean_logits: Tensor, corrupted_logits: 
             f"normalized_metric: the metric is {float(clean.mean()):.6g} on both the clean and the corrupted "
             "run, so there is nothing to normalise by; choose prompts or a metric that tell them apart."
         )
-    return lambda logits: (metric(logits) - corrupted) / scale
+    def normalized(logits: Tensor) -> Tensor:
+        return (metric(logits) - corrupted) / scale
+
+    normalized.reads_last_position_only = _reads_last_only(metric)  # type: ignore[attr-defined]
+    return normalized
+
+
+def _mark_last_only(metric: MetricFn, position: int) -> MetricFn:
+    """Mark a metric that reads only the last position's logits, so patching may compute just those."""
+    metric.reads_last_position_only = position == -1  # type: ignore[attr-defined]
+    return metric
+
+
+def _reads_last_only(metric: Any) -> bool:
+    return bool(getattr(metric, "reads_last_position_only", False))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -728,7 +756,8 @@ def activation_patch(
         values[i] = float(out)
 
     _run_patched(model, corrupted_tokens, patches, on_logits,
-                 max_batch=max_batch, memory_budget=memory_budget, progress=progress)
+                 max_batch=max_batch, memory_budget=memory_budget, progress=progress,
+                 last_only=_reads_last_only(metric))
     shape = [len(layer_idx)] + ([len(pos_idx)] if pos_idx is not None else []) + ([len(head_idx)] if head_idx is not None else [])
     axes = ("layer",) + (("pos",) if pos_idx is not None else ()) + (("head",) if head_idx is not None else ())
     labels = None

@@ -144,6 +144,12 @@ def test_smollm2_resid_pre_sweep_equals_transformer_lens(smollm2) -> None:
     ref = tl_patching.generic_activation_patch(smollm2, corrupted, cache, metric, tl_patching.layer_pos_patch_setter,
                                                "resid_pre", index_df=index_df)
     assert (ours - ref).abs().max() <= TOL
+    middle = lambda logits: logits[0, 3, 100] - logits[0, 3, 200]  # noqa: E731 - a user metric that reads position 3
+    ours = patching.generic_activation_patch(smollm2, corrupted, cache, middle, tl_patching.layer_pos_patch_setter,
+                                             "resid_pre", index_df=index_df, progress=False)
+    ref = tl_patching.generic_activation_patch(smollm2, corrupted, cache, middle, tl_patching.layer_pos_patch_setter,
+                                               "resid_pre", index_df=index_df)
+    assert (ours - ref).abs().max() <= TOL and ref.abs().max() > 0.1
     full = patching.get_act_patch_resid_pre(smollm2, corrupted, cache, metric, progress=False)
     assert full.shape == (30, 6)
     # patching the subject token early restores the answer; the last position late does too
