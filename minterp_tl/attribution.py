@@ -58,7 +58,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from minterp_tl.names import resolve_name
-from minterp_tl.patching import MetricFn, plot_heatmap
+from minterp_tl.patching import MetricFn, PatchSweep
 from minterp_tl.specs import SpecLike, resolve
 from minterp_tl.state import hook_layout
 
@@ -72,7 +72,7 @@ CleanInput = Union[Int[Tensor, "batch pos"], ActivationCache, Mapping[str, Tenso
 
 
 @dataclass(eq=False)
-class AttributionSweep:
+class AttributionSweep(PatchSweep):
     """The result of :func:`attribution_patch`.
 
     Attributes:
@@ -85,13 +85,6 @@ class AttributionSweep:
         corrupted_metric: The metric on the unpatched corrupted run.
     """
 
-    values: Tensor
-    axis_names: tuple[str, ...]
-    layers: list[int]
-    positions: Optional[list[int]]
-    heads: Optional[list[int]]
-    hook: str
-    labels: Optional[list[str]] = None
     corrupted_metric: Optional[float] = None
 
     @property
@@ -104,14 +97,7 @@ class AttributionSweep:
 
     def plot(self, path: Union[str, Path], title: Optional[str] = None) -> Path:
         """Heatmap PNG of a 2-D sweep (``layer x pos`` or ``layer x head``) of the estimated changes."""
-        if self.values.ndim != 2:
-            raise ValueError(f"plot needs a 2-D sweep, this one is {self.axis_names}; index it first.")
-        by_pos = self.axis_names[1] == "pos"
-        cols = self.positions if by_pos else self.heads
-        labels = [f"{p} {self.labels[p]!r}" for p in cols] if self.labels and by_pos else [str(c) for c in cols]
-        return plot_heatmap(self.values, path, row_labels=[str(l) for l in self.layers], col_labels=labels,
-                            xlabel=self.axis_names[1], ylabel="layer",
-                            title=title or f"attribution patching {self.hook}")
+        return super().plot(path, title=title or f"attribution patching {self.hook}")
 
 
 # --------------------------------------------------------------------------------------------------

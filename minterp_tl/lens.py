@@ -15,8 +15,6 @@ tokens, a text table, and a layers x positions heatmap PNG with the top token wr
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -26,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from minterp_tl.context import Prompts, RepresentationContext
+from minterp_tl._png import save_png
 from minterp_tl.specs import SpecLike
 from minterp_tl.state import StateManager
 from minterp_tl.wrapper import Batch, ModelWrapper
@@ -170,17 +169,7 @@ class LensResult:
         ax.set_title(title or f"logit lens: {what}, top token in each cell")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent if str(path.parent) else ".")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png", dpi=120)
-            os.replace(tmp, path)
-        finally:
-            plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_png(fig, path)
 
 
 def _single_token(tokenizer: Any, text: str) -> int:

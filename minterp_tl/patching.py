@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import weakref
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -65,6 +63,7 @@ from transformer_lens.patching import (
 from transformer_lens.utilities import get_act_name
 
 from minterp_tl.names import resolve_name
+from minterp_tl._png import save_png
 from minterp_tl.specs import SpecLike, resolve
 from minterp_tl.state import hook_layout
 
@@ -808,7 +807,6 @@ def plot_heatmap(
     values = torch.as_tensor(values).detach().float().cpu()
     if values.ndim != 2:
         raise ValueError(f"plot_heatmap needs a 2-D tensor, got shape {tuple(values.shape)}")
-    path = Path(path)
     rows, cols = values.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * cols + 2), max(3.0, 0.3 * rows + 1.5)))
     vmax = float(values.abs().max()) or 1.0
@@ -823,13 +821,4 @@ def plot_heatmap(
     ax.set_yticklabels(row_labels if row_labels is not None else [str(i) for i in range(rows)], fontsize=7)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_png(fig, path)
