@@ -175,15 +175,24 @@ class _Corrupted:
     def __init__(self, model: Any, tokens: Tensor, names: set[str]) -> None:
         n = model.cfg.n_layers
         wanted = names | {f"blocks.{l}.hook_resid_pre" for l in range(n)}
+        self.acts: dict[str, Tensor] = {}
+
+        def keep(name: str):
+            def hook(act: Tensor, hook: Any = None) -> None:
+                self.acts[name] = act.detach()
+
+            return hook
+
+        hooks = [(name, keep(name)) for name in wanted if name in model.hook_dict]
         with torch.no_grad():
-            self.logits, cache = model.run_with_cache(tokens, names_filter=lambda x: x in wanted)
-        self.acts = {k: cache[k] for k in wanted if k in cache.cache_dict}
-        self.kv = None
-        try:
-            with torch.no_grad():
-                _, self.kv = model(tokens, return_type="logits_and_cache")
-        except Exception:  # noqa: BLE001 - no KV cache: positions are not skipped
-            self.kv = None
+            try:  # one forward gives the activations and the key/value cache
+                with model.hooks(fwd_hooks=hooks):
+                    self.logits, self.kv = model(tokens, return_type="logits_and_cache")
+            except Exception:  # noqa: BLE001 - no KV cache: positions are not skipped
+                self.acts.clear()
+                self.kv = None
+                with model.hooks(fwd_hooks=hooks):
+                    self.logits = model(tokens)
 
     def past(self, p0: int, copies: int) -> Any:
         """The key/value cache of positions ``0..p0-1``, repeated for ``copies`` copies of the batch."""
