@@ -202,6 +202,15 @@ class _Corrupted:
         return past
 
 
+def _is_noop(patch: _Patch, corrupted: _Corrupted) -> bool:
+    """Whether ``patch`` leaves the corrupted activation exactly (bit for bit) as it is."""
+    act = corrupted.acts.get(patch.name)
+    if act is None:
+        return False
+    out = patch.setter(act.clone(), patch.index, patch.clean)
+    return isinstance(out, Tensor) and out.shape == act.shape and torch.equal(out, act)
+
+
 def _forward(
     model: Any, corrupted: _Corrupted, tokens: Tensor, copies: int, l0: int, p0: int, hooks: list,
     last_only: bool = False,
@@ -287,8 +296,13 @@ def _run_patched(
     progress: bool,
     skip: bool = True,
     last_only: bool = False,
+    skip_noops: bool = True,
 ) -> None:
     """Run every patch, many per forward pass.
+
+    With ``skip_noops``, a patch that leaves the corrupted activation bit-for-bit unchanged (clean and
+    corrupted agree there -- e.g. every position before the first token where the prompts differ, by
+    causality) runs no forward at all: its patched run is the corrupted run, whose logits it gets.
 
     Each patched copy of the corrupted batch is patched by its own setter, called as TL's patch
     setters are: ``setter(corrupted_activation, index, clean_activation)`` on the copy's own
@@ -304,11 +318,17 @@ def _run_patched(
     b, n_pos = corrupted_tokens.shape
     n_layers = model.cfg.n_layers
     per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
-    corrupted = _Corrupted(model, corrupted_tokens, {p.name for p in patches}) if skip else None
-    skip = skip and _can_skip(model, corrupted, corrupted_tokens)
+    corrupted = _Corrupted(model, corrupted_tokens, {p.name for p in patches})
+    todo = []
+    for i, patch in enumerate(patches):
+        if skip_noops and _is_noop(patch, corrupted):
+            on_logits(i, corrupted.logits)  # the patched run *is* the corrupted run
+        else:
+            todo.append(i)
+    skip = skip and bool(todo) and _can_skip(model, corrupted, corrupted_tokens)
     last_only = last_only and skip
-    chunks = _tiles(patches, per_forward, n_layers, n_pos) if skip else [
-        list(range(i, min(i + per_forward, len(patches)))) for i in range(0, len(patches), per_forward)
+    chunks = [[todo[j] for j in chunk] for chunk in _tiles([patches[i] for i in todo], per_forward, n_layers, n_pos)] if skip else [
+        todo[i : i + per_forward] for i in range(0, len(todo), per_forward)
     ]
     for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
         l0 = min(patches[i].layer for i in chunk) if skip else 0
@@ -367,6 +387,7 @@ def generic_activation_patch(
     max_batch: Optional[int] = None,
     memory_budget: Optional[int] = None,
     progress: bool = True,
+    skip_unchanged: bool = True,
 ) -> Union[Tensor, tuple[Tensor, Any], PatchingResult]:
     """``transformer_lens.patching.generic_activation_patch``, batched.
 
@@ -392,6 +413,9 @@ def generic_activation_patch(
         max_batch: The most sequences in one forward pass (see :func:`copies_per_forward`).
         memory_budget: Bytes one forward pass may use (default: a quarter of the free memory).
         progress: Show a progress bar over forward passes.
+        skip_unchanged: Run no forward for a patch that leaves the corrupted activation bit-for-bit
+            unchanged (clean and corrupted agree there, e.g. before the first differing token); its
+            value is the metric of the corrupted run, exactly what the patched forward would give.
 
     Returns:
         As TL: a tensor shaped by the index axes (or flat with ``index_df``), optionally with the index
@@ -482,7 +506,7 @@ def generic_activation_patch(
             store[(slice(None), *indices[i])] = values
 
     _run_patched(model, corrupted_tokens, patches, store_values,
-                 max_batch=max_batch, memory_budget=memory_budget, progress=progress,
+                 max_batch=max_batch, memory_budget=memory_budget, progress=progress, skip_noops=skip_unchanged,
                  last_only=all(_reads_last_only(fn) for fn in metrics.values()))
 
     if reduce == "mean":
@@ -721,6 +745,7 @@ def activation_patch(
     max_batch: Optional[int] = None,
     memory_budget: Optional[int] = None,
     progress: bool = True,
+    skip_unchanged: bool = True,
 ) -> PatchSweep:
     """Patch the clean ``hook`` into the corrupted run at every selected layer x position (x head).
 
@@ -735,6 +760,7 @@ def activation_patch(
         positions: Position spec (``"-3:"``, ``"last"``; ``None``: all positions at once, for a
             ``layer x head`` sweep). For ``pattern`` / ``attn_scores`` these are query positions.
         heads: Head spec for hooks with a head axis; ``None``: no head axis in the sweep.
+        max_batch, memory_budget, progress, skip_unchanged: As in :func:`generic_activation_patch`.
 
     Returns:
         A :class:`PatchSweep` with values ``[layers, positions]``, ``[layers, heads]`` or
@@ -782,7 +808,7 @@ def activation_patch(
         values[i] = float(out)
 
     _run_patched(model, corrupted_tokens, patches, on_logits,
-                 max_batch=max_batch, memory_budget=memory_budget, progress=progress,
+                 max_batch=max_batch, memory_budget=memory_budget, progress=progress, skip_noops=skip_unchanged,
                  last_only=_reads_last_only(metric))
     shape = [len(layer_idx)] + ([len(pos_idx)] if pos_idx is not None else []) + ([len(head_idx)] if head_idx is not None else [])
     axes = ("layer",) + (("pos",) if pos_idx is not None else ()) + (("head",) if head_idx is not None else ())

@@ -183,3 +183,36 @@ def test_smollm2_skipping_path_equals_transformer_lens(smollm2, act, setter, axe
     assert patching._SKIP_OK.get(smollm2) is True
     assert (ours - ref).abs().max() <= TOL
     assert ref.abs().max() > 0.1
+
+
+def test_unchanged_patches_run_no_forward_and_match_transformer_lens(toys, monkeypatch) -> None:
+    """Before the first differing token clean and corrupted activations agree bit for bit (causal
+    attention), so those patches are the corrupted run itself: no forward runs for them, and every value
+    still equals TL's (which does run them)."""
+    model = toys["gqa"]
+    clean, _ = _pair(model, 3, batch=2, pos=7)
+    corrupted = clean.clone()
+    corrupted[:, 4] = (clean[:, 4] + 1) % model.cfg.d_vocab  # the prompts differ at position 4 only
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+    copies = []
+    real_forward = patching._forward
+
+    def counting_forward(model, corrupted, tokens, n, *args, **kwargs):
+        copies.append(n)
+        return real_forward(model, corrupted, tokens, n, *args, **kwargs)
+
+    monkeypatch.setattr(patching, "_forward", counting_forward)
+    ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False, max_batch=64)
+    computed = sum(copies)
+    copies.clear()
+    full = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False, max_batch=64,
+                                                       skip_unchanged=False)
+    ref = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    assert computed == n_layers * 3 * n_heads  # positions 4, 5, 6 only
+    assert sum(copies) == n_layers * 7 * n_heads
+    assert (ours - ref).abs().max() <= TOL and (full - ref).abs().max() <= TOL
+    baseline = metric(model(corrupted))
+    assert torch.allclose(ours[:, :4], baseline.expand(n_layers, 4, n_heads), atol=1e-6)
+    assert (ours[:, 4:] - baseline).abs().max() > 1e-3  # the patches after the difference do something
