@@ -1,7 +1,9 @@
 """minterp_tl.patching against transformer_lens.patching, side by side in one process.
 
 Sweeps: ``resid_pre`` layer x pos and attention-head output (z) by position, on a 4-layer toy and on
-SmolLM2-135M (a ~16-token prompt pair). For each: time of TransformerLens's function and of ours,
+SmolLM2-135M (a 15-token IOI prompt against two corruptions: one that differs at token 10, where
+every patch before it leaves the corrupted run unchanged and runs no forward, and one that differs from
+token 2 on, where nearly every patch runs). For each: time of TransformerLens's function and of ours,
 their ratio, max |difference| of the results, and throughput in patched forwards per second, next to
 plain batched forwards per second (``model(tokens.repeat(64, 1))``), the ceiling for any method that
 runs full forward passes.
@@ -28,10 +30,14 @@ from transformer_lens import patching as tl
 from minterp_tl import patching
 from minterp_tl.models import load_model, toy_model
 
-PROMPTS = (
-    "When Mary and John went to the store, John gave a drink to",
-    "When Mary and John went to the store, Mary gave a drink to",
-)
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPTED = {
+    # the usual IOI corruption: the prompts differ at the second name only (token 10 of 15), so
+    # patches at tokens 0-9 leave the corrupted run unchanged and run no forward (skip_unchanged)
+    "IOI@10": "When Mary and John went to the store, Mary gave a drink to",
+    # names swapped everywhere: the prompts differ from token 2 on, so almost every patch runs
+    "swap@2": "When John and Mary went to the store, Mary gave a drink to",
+}
 
 
 def _plain_rate(model, tokens: torch.Tensor, batch: int = 64) -> float:
@@ -91,14 +97,18 @@ def main() -> None:
     ]))
     if not args.skip_smollm2:
         model = load_model(progress=False)
-        clean, corrupted = model.to_tokens(PROMPTS[0]), model.to_tokens(PROMPTS[1])
+        clean = model.to_tokens(CLEAN)
         metric = patching.logit_diff_metric(model.to_single_token(" Mary"), model.to_single_token(" John"))
-        rows.append((model, clean, "SmolLM2", [
-            _bench("SmolLM2", model, clean, corrupted, metric, "get_act_patch_resid_pre", tl.layer_pos_patch_setter,
-                   "resid_pre", ("layer", "pos"), args.tl_rows),
-            _bench("SmolLM2", model, clean, corrupted, metric, "get_act_patch_attn_head_out_by_pos",
-                   tl.layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"), args.tl_rows),
-        ]))
+        lines = []
+        for label, prompt in CORRUPTED.items():
+            corrupted = model.to_tokens(prompt)
+            lines += [
+                _bench(label, model, clean, corrupted, metric, "get_act_patch_resid_pre", tl.layer_pos_patch_setter,
+                       "resid_pre", ("layer", "pos"), args.tl_rows),
+                _bench(label, model, clean, corrupted, metric, "get_act_patch_attn_head_out_by_pos",
+                       tl.layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"), args.tl_rows),
+            ]
+        rows.append((model, clean, "SmolLM2", lines))
 
     print(f"{torch.get_num_threads()} threads; times in s; rates in patched forwards/s")
     print(f"{'model':<10}{'sweep':<24}{'patches':>7}{'TL':>10}{'ours':>9}{'x TL':>8}{'max|d|':>10}{'TL/s':>9}{'ours/s':>9}")
