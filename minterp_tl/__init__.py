@@ -3,6 +3,7 @@
 from minterp_tl import attribution, lens, patching
 from minterp_tl.attribution import AttributionSweep, attribution_patch
 from minterp_tl.context import RepresentationContext
+from minterp_tl.edits import Edit, Edits
 from minterp_tl.lens import LensResult, logit_lens
 from minterp_tl.models import (
     DEFAULT_MODEL,
@@ -23,6 +24,7 @@ from minterp_tl.names import (
     short_name,
 )
 from minterp_tl.specs import Token
+from minterp_tl.store import LazyTensor, SaveReport, StateStore, tensor_hash
 from minterp_tl.state import (
     Add,
     Compose,
@@ -45,6 +47,12 @@ from minterp_tl.wrapper import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Edit",
+    "Edits",
+    "LazyTensor",
+    "SaveReport",
+    "StateStore",
+    "tensor_hash",
     "AttributionSweep",
     "LensResult",
     "PatchSweep",

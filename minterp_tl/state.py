@@ -33,6 +33,8 @@ the head axis to the saved heads: ``blocks.0.hook_resid_post`` saved at ``"last"
 from __future__ import annotations
 
 import difflib
+import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
@@ -43,6 +45,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from minterp_tl.specs import SpecLike, check_spec
+from minterp_tl.store import SaveReport, StateStore
 
 Transform = Callable[[Tensor], Tensor]
 """A function applied to a saved state before it is loaded: saved selection -> value to write."""
@@ -470,6 +473,85 @@ class StateManager:
                 pos_axis, head_axis = hook_layout(name, tensor.ndim)
                 self.set(SavedState(tensor.detach(), name, tag, None, None, pos_axis, head_axis))
 
+    # ---- on disk (minterp_tl.store) -------------------------------------------------------------
+    def save(self, path: Union[str, os.PathLike]) -> SaveReport:
+        """Save every held state to a :class:`minterp_tl.store.StateStore` at ``path`` (a directory).
+
+        Each state's tensor is stored under its display key (``"name"`` or ``"tag/name"``, see
+        :func:`format_key`), its positions (if any) under ``key + "#positions"``; tags, heads, axes and
+        token strings go into the store's metadata. Saving again rewrites only the states that changed
+        (the store compares content hashes), and a state dropped from the manager is dropped from the
+        store. Phase configs (``StateConfig``) hold functions and are not saved.
+
+        Args:
+            path: The store's directory (created if needed).
+
+        Returns:
+            The store's :class:`minterp_tl.store.SaveReport`.
+
+        Raises:
+            ValueError: If two keys have the same display form (a tag containing ``"/"``), or a tensor
+                has a dtype the store cannot hold.
+        """
+        tensors: dict[str, Tensor] = {}
+        entries: list[dict[str, Any]] = []
+        for state in self._states.values():
+            key = format_key(*state.key)
+            if key in tensors:
+                raise ValueError(
+                    f"Cannot save states {state.key!r} and another key to one store: both are named {key!r} "
+                    "(a tag containing '/'); rename the tag."
+                )
+            tensors[key] = state.tensor
+            if state.positions is not None:
+                tensors[key + "#positions"] = state.positions
+            entries.append(
+                {
+                    "key": key,
+                    "tag": state.tag,
+                    "name": state.name,
+                    "positions": state.positions is not None,
+                    "heads": None if state.heads is None else list(state.heads),
+                    "pos_axis": state.pos_axis,
+                    "head_axis": state.head_axis,
+                    "str_tokens": None if state.str_tokens is None else [list(t) for t in state.str_tokens],
+                }
+            )
+        metadata = {"minterp_tl.kind": "StateManager", "minterp_tl.states": json.dumps(entries)}
+        return StateStore(path).save(tensors, metadata)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> StateManager:
+        """A new manager holding the states saved at ``path`` by :meth:`save` (every tensor verified
+        against its content hash; selections, tags and token strings restored; no phase configs).
+
+        Raises:
+            ValueError: If ``path`` holds no store, a store not written by :meth:`save`, or a damaged
+                file (the message names the tensor).
+        """
+        store = StateStore(path)
+        tensors = store.load()
+        metadata = store.metadata
+        if metadata.get("minterp_tl.kind") != "StateManager":
+            raise ValueError(
+                f"The store at {str(path)!r} was not written by StateManager.save (its metadata has no "
+                "'minterp_tl.kind': 'StateManager')."
+            )
+        manager = cls()
+        for e in json.loads(metadata["minterp_tl.states"]):
+            manager.set(
+                SavedState(
+                    tensor=tensors[e["key"]],
+                    name=e["name"],
+                    tag=e["tag"],
+                    positions=tensors[e["key"] + "#positions"] if e["positions"] else None,
+                    heads=None if e["heads"] is None else tuple(e["heads"]),
+                    pos_axis=e["pos_axis"],
+                    head_axis=e["head_axis"],
+                    str_tokens=None if e["str_tokens"] is None else tuple(tuple(t) for t in e["str_tokens"]),
+                )
+            )
+        return manager
 
 def _concat(old: SavedState, new: SavedState) -> SavedState:
     key = format_key(*new.key)
