@@ -1,7 +1,8 @@
 """minterp_tl: mechanistic interpretability on TransformerLens 4."""
 
-from minterp_tl import attribution, lens, patching
+from minterp_tl import attribution, circuits, lens, patching
 from minterp_tl.attribution import AttributionSweep, attribution_patch
+from minterp_tl.circuits import CircuitConfig, CircuitModel, SubnetworkHistory, find_subnetwork
 from minterp_tl.context import RepresentationContext
 from minterp_tl.edits import Edit, Edits
 from minterp_tl.lens import LensResult, logit_lens
@@ -47,6 +48,11 @@ from minterp_tl.wrapper import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CircuitConfig",
+    "CircuitModel",
+    "SubnetworkHistory",
+    "circuits",
+    "find_subnetwork",
     "Edit",
     "Edits",
     "LazyTensor",
