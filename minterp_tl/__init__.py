@@ -1,6 +1,6 @@
 """minterp_tl: mechanistic interpretability on TransformerLens 4."""
 
-from minterp_tl import attribution, circuits, lens, patching
+from minterp_tl import attribution, circuits, lens, patching, routes, transparent
 from minterp_tl.attribution import AttributionSweep, attribution_patch
 from minterp_tl.circuits import CircuitConfig, CircuitModel, SubnetworkHistory, find_subnetwork
 from minterp_tl.context import RepresentationContext
@@ -24,7 +24,9 @@ from minterp_tl.names import (
     resolve_names,
     short_name,
 )
+from minterp_tl.routes import Route, build_graph, paths_to_prediction, plot_routes, strongest_paths
 from minterp_tl.specs import Token
+from minterp_tl.transparent import TransformerLensTransparentLlm, TransparentLlm
 from minterp_tl.store import LazyTensor, SaveReport, StateStore, tensor_hash
 from minterp_tl.state import (
     Add,
@@ -48,6 +50,15 @@ from minterp_tl.wrapper import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Route",
+    "TransformerLensTransparentLlm",
+    "TransparentLlm",
+    "build_graph",
+    "paths_to_prediction",
+    "plot_routes",
+    "routes",
+    "strongest_paths",
+    "transparent",
     "CircuitConfig",
     "CircuitModel",
     "SubnetworkHistory",

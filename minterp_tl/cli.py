@@ -4,6 +4,8 @@ Subcommands:
     lens    The logit lens of a prompt: a table of every layer's top tokens at the last position and
             a layers x positions heatmap PNG (the main job).
     info    Load a model, print its ModelInfo and the top-k next tokens for a prompt.
+    routes  The information-flow routes to the prediction at the last position: the strongest
+            input-to-prediction paths, a tokens x layers PNG, and optionally the graph as JSON.
 
 Bad input (unknown model, empty prompt, ...) exits with code 2 and one line on stderr.
 """
@@ -38,6 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default="smollm2-135m", help="model name or local HF directory (default: smollm2-135m)")
     info.add_argument("--top-k", type=int, default=5, help="how many next tokens to print (default: 5)")
     info.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    routes = sub.add_parser("routes", help="information-flow routes to the prediction: strongest paths and a PNG")
+    routes.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"prompt (default: {DEFAULT_PROMPT!r})")
+    routes.add_argument("--model", default="smollm2-135m", help="model name or local HF directory (default: smollm2-135m)")
+    routes.add_argument("--threshold", type=float, default=0.04, help="contribution threshold tau in [0, 1) (default: 0.04)")
+    routes.add_argument("--token", type=int, default=-1, help="position whose prediction to explain (default: -1, the last)")
+    routes.add_argument("--top-k", type=int, default=5, help="how many strongest paths to print (default: 5)")
+    routes.add_argument("--out", default="routes.png", help="where to write the routes PNG (default: routes.png)")
+    routes.add_argument("--json", help="also write the full graph as JSON to this path")
+    routes.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -115,6 +127,63 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_routes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from minterp_tl.models import load_model
+    from minterp_tl.routes import build_graph, paths_to_prediction, plot_routes, save_json, strongest_paths
+    from minterp_tl.transparent import TransformerLensTransparentLlm
+
+    if not args.prompt.strip():
+        return _fail("the prompt is empty; give some text, e.g. minterp-tl routes \"The capital of France is\"")
+    if not 0.0 <= args.threshold < 1.0:
+        return _fail(f"--threshold must be in [0, 1), got {args.threshold}")
+    if args.top_k < 1:
+        return _fail(f"--top-k must be >= 1, got {args.top_k}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png" or not out.parent.is_dir():
+        return _fail(f"--out must be a .png path in an existing directory, got {args.out!r}")
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and (json_path.suffix.lower() != ".json" or not json_path.parent.is_dir()):
+        return _fail(f"--json must be a .json path in an existing directory, got {args.json!r}")
+    try:
+        model = load_model(args.model, progress=not args.no_progress)
+    except (ValueError, ImportError) as err:
+        return _fail(str(err).splitlines()[0])
+    if model.tokenizer is None:
+        return _fail(f"model {args.model!r} has no tokenizer; cannot read a text prompt")
+    llm = TransformerLensTransparentLlm(model)
+    start = time.perf_counter()
+    llm.run([args.prompt])
+    n = llm.n_tokens(0)
+    if not -n <= args.token < n:
+        return _fail(f"--token {args.token} is out of range: the prompt has {n} tokens (valid: {-n}..{n - 1})")
+    graph = build_graph(llm, 0, threshold=args.threshold, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    token = args.token % n
+    tokens = graph.graph["tokens"]
+    predicted = int(llm.logits()[0, token].argmax())
+    paths = strongest_paths(graph, token=token, k=args.top_k)
+    kept = paths_to_prediction(graph, token=token)
+    print(f"prompt       {args.prompt!r} ({n} tokens)")
+    print(f"position     {token} ({tokens[token]!r}), predicts {llm.tokens_to_strings(torch.tensor([predicted]))[0]!r}")
+    print(f"graph        {graph.number_of_edges()} edges (tau = {args.threshold:g}); "
+          f"{kept.number_of_edges()} lead to the prediction; built in {seconds:.2f} s")
+    print(f"\nstrongest paths (weight = product of the shares along the path):")
+    if not paths:
+        print("  none above the threshold; try a lower --threshold")
+    for route in paths:
+        print("  " + route.describe(tokens))
+    plot_routes(graph, out, token=token, title=f"routes to the prediction at {token} ({tokens[token]!r})")
+    print(f"\nroutes PNG written to {out}")
+    if json_path is not None:
+        save_json(graph, json_path)
+        print(f"graph JSON written to {json_path}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``minterp-tl``; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -122,6 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _cmd_info(args)
     if args.command == "lens":
         return _cmd_lens(args)
+    if args.command == "routes":
+        return _cmd_routes(args)
     return _fail(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
 
 

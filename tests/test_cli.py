@@ -49,3 +49,38 @@ def test_bad_input_exits_2_with_one_line(args, message):
     assert result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("minterp-tl: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_routes_prints_paths_and_writes_png_and_json(smollm2, capsys, tmp_path):
+    from minterp_tl.routes import build_graph, load_json, strongest_paths
+    from minterp_tl.transparent import TransformerLensTransparentLlm
+
+    png, js = tmp_path / "r.png", tmp_path / "r.json"
+    assert main(["routes", "The capital of France is", "--out", str(png), "--json", str(js), "--top-k", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "predicts ' Paris'" in out
+    assert png.read_bytes()[:4] == b"\x89PNG" and js.is_file()
+    # the printed paths are the strongest paths of an independently built graph
+    llm = TransformerLensTransparentLlm(smollm2)
+    llm.run(["The capital of France is"])
+    graph = build_graph(llm, 0, progress=False)
+    expected = [r.describe(graph.graph["tokens"]) for r in strongest_paths(graph, token=-1, k=3)]
+    printed = [line.strip() for line in out.splitlines() if line.startswith("  ") and "-> I29_5" in line]
+    assert printed == expected
+    assert set(load_json(js).edges) == set(graph.edges)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["routes", "  "], "the prompt is empty"),
+        (["routes", "hi", "--threshold", "1.5"], "--threshold must be in [0, 1)"),
+        (["routes", "hi", "--out", "routes.txt"], "--out must be a .png path"),
+    ],
+)
+def test_routes_bad_input_exits_2_with_one_line(args, message, capsys):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    errors = [line for line in captured.err.splitlines() if line.startswith("minterp-tl: error:")]
+    assert len(errors) == 1 and message in errors[0], captured.err
