@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -58,20 +59,47 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    import torch
+class _BadInput(Exception):
+    """Bad command-line input; its message is the one line ``_fail`` prints."""
 
-    from minterp_tl.models import load_model, model_info
 
+def _check_common(args: argparse.Namespace, command: str) -> None:
+    """The checks every subcommand shares: a non-empty prompt and ``--top-k >= 1``."""
     if not args.prompt.strip():
-        return _fail("the prompt is empty; give some text, e.g. minterp-tl info \"The capital of France is\"")
+        raise _BadInput(f"the prompt is empty; give some text, e.g. minterp-tl {command} \"The capital of France is\"")
     if args.top_k < 1:
-        return _fail(f"--top-k must be >= 1, got {args.top_k}")
-    start = time.perf_counter()
+        raise _BadInput(f"--top-k must be >= 1, got {args.top_k}")
+
+
+def _out_path(value: str, option: str, suffix: str) -> Path:
+    """``value`` as a path with ``suffix`` in an existing directory, or :class:`_BadInput`."""
+    path = Path(value)
+    if path.suffix.lower() != suffix or not path.parent.is_dir():
+        raise _BadInput(f"{option} must be a {suffix} path in an existing directory, got {value!r}")
+    return path
+
+
+def _load_text_model(args: argparse.Namespace) -> Any:
+    """Load ``--model``; a model that cannot be loaded or has no tokenizer is :class:`_BadInput`."""
+    from minterp_tl.models import load_model
+
     try:
         model = load_model(args.model, progress=not args.no_progress)
     except (ValueError, ImportError) as err:
-        return _fail(str(err).splitlines()[0])
+        raise _BadInput(str(err).splitlines()[0]) from None
+    if model.tokenizer is None:
+        raise _BadInput(f"model {args.model!r} has no tokenizer; cannot read a text prompt")
+    return model
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from minterp_tl.models import model_info
+
+    _check_common(args, "info")
+    start = time.perf_counter()
+    model = _load_text_model(args)
     load_s = time.perf_counter() - start
     info = model_info(model)
     print(f"model        {info.name}")
@@ -81,8 +109,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"d_model      {info.d_model}")
     print(f"d_vocab      {info.d_vocab}")
     print(f"load time    {load_s:.1f} s")
-    if model.tokenizer is None:
-        return _fail(f"model {info.name!r} has no tokenizer; cannot read a text prompt")
     with torch.no_grad():
         logits = model(args.prompt)
     probs = logits[0, -1].float().softmax(-1)
@@ -95,24 +121,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_lens(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from minterp_tl.lens import logit_lens
-    from minterp_tl.models import load_model
 
-    if not args.prompt.strip():
-        return _fail("the prompt is empty; give some text, e.g. minterp-tl lens \"The capital of France is\"")
-    if args.top_k < 1:
-        return _fail(f"--top-k must be >= 1, got {args.top_k}")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png" or not out.parent.is_dir():
-        return _fail(f"--out must be a .png path in an existing directory, got {args.out!r}")
-    try:
-        model = load_model(args.model, progress=not args.no_progress)
-    except (ValueError, ImportError) as err:
-        return _fail(str(err).splitlines()[0])
-    if model.tokenizer is None:
-        return _fail(f"model {args.model!r} has no tokenizer; cannot read a text prompt")
+    _check_common(args, "lens")
+    out = _out_path(args.out, "--out", ".png")
+    model = _load_text_model(args)
     lens = logit_lens(model, args.prompt)
     answer = args.answer
     if answer is None:
@@ -128,32 +141,17 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 
 
 def _cmd_routes(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
-    from minterp_tl.models import load_model
     from minterp_tl.routes import build_graph, paths_to_prediction, plot_routes, save_json, strongest_paths
     from minterp_tl.transparent import TransformerLensTransparentLlm
 
-    if not args.prompt.strip():
-        return _fail("the prompt is empty; give some text, e.g. minterp-tl routes \"The capital of France is\"")
+    _check_common(args, "routes")
     if not 0.0 <= args.threshold < 1.0:
         return _fail(f"--threshold must be in [0, 1), got {args.threshold}")
-    if args.top_k < 1:
-        return _fail(f"--top-k must be >= 1, got {args.top_k}")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png" or not out.parent.is_dir():
-        return _fail(f"--out must be a .png path in an existing directory, got {args.out!r}")
-    json_path = Path(args.json) if args.json else None
-    if json_path is not None and (json_path.suffix.lower() != ".json" or not json_path.parent.is_dir()):
-        return _fail(f"--json must be a .json path in an existing directory, got {args.json!r}")
-    try:
-        model = load_model(args.model, progress=not args.no_progress)
-    except (ValueError, ImportError) as err:
-        return _fail(str(err).splitlines()[0])
-    if model.tokenizer is None:
-        return _fail(f"model {args.model!r} has no tokenizer; cannot read a text prompt")
+    out = _out_path(args.out, "--out", ".png")
+    json_path = _out_path(args.json, "--json", ".json") if args.json else None
+    model = _load_text_model(args)
     llm = TransformerLensTransparentLlm(model)
     start = time.perf_counter()
     llm.run([args.prompt])
@@ -187,13 +185,11 @@ def _cmd_routes(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``minterp-tl``; returns the exit code."""
     args = _parser().parse_args(argv)
-    if args.command == "info":
-        return _cmd_info(args)
-    if args.command == "lens":
-        return _cmd_lens(args)
-    if args.command == "routes":
-        return _cmd_routes(args)
-    return _fail(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+    commands = {"info": _cmd_info, "lens": _cmd_lens, "routes": _cmd_routes}
+    try:
+        return commands[args.command](args)
+    except _BadInput as err:
+        return _fail(str(err))
 
 
 if __name__ == "__main__":  # pragma: no cover
