@@ -339,6 +339,12 @@ class InductionTraining:
         positional_embedding_type: ``"rotary"`` (default) or ``"standard"`` (learned absolute).
         steps, batch_size, lr, weight_decay: AdamW training.
         seed: Seed for the initialisation and the data.
+        head_dropout: Probability of zeroing each head's output (``hook_z``) during the second
+            half of training (:data:`HEAD_DROPOUT_START`), drawn independently per sequence and
+            head (no rescaling), on every other sequence, and keeping at least one head per
+            layer. 0 (default) trains the standard model; with p > 0 small sets of heads must do
+            the job on their own, so the circuit is redundant rather than split across heads.
+            Only part of the cache key when non-zero (the default model keeps its key).
     """
 
     n_layers: int = 2
@@ -353,10 +359,14 @@ class InductionTraining:
     weight_decay: float = 0.01
     positional_embedding_type: str = "rotary"
     seed: int = 0
+    head_dropout: float = 0.0
 
     def key(self) -> str:
+        fields = asdict(self)
+        if fields["head_dropout"] == 0.0:
+            del fields["head_dropout"]  # the default model keeps the key it had before the option
         payload = json.dumps(
-            {**asdict(self), "format": 1, "transformer_lens": _tl_version(), "torch": torch.__version__},
+            {**fields, "format": 1, "transformer_lens": _tl_version(), "torch": torch.__version__},
             sort_keys=True,
         )
         return hashlib.blake2b(payload.encode(), digest_size=10).hexdigest()
@@ -448,6 +458,34 @@ def _training_batch(
     return tokens, scored
 
 
+def _forward_with_head_dropout(
+    model: TransformerBridge, tokens: Int[Tensor, "batch pos"], t: InductionTraining, gen: torch.Generator
+) -> Float[Tensor, "batch pos vocab"]:
+    """Forward pass with each head's ``hook_z`` zeroed with probability ``t.head_dropout``,
+    independently per sequence, layer and head (no rescaling of the kept heads).
+
+    Where every head of a layer was dropped, one random head of it is kept (a layer with no head
+    left teaches nothing), and every other sequence (even rows) runs the full model, so that the
+    full model stays calibrated: without those, the sum of all the heads was overconfident.
+    """
+    keep = (torch.rand(tokens.shape[0], t.n_layers, t.n_heads, generator=gen) >= t.head_dropout).float()
+    pick = torch.nn.functional.one_hot(torch.randint(t.n_heads, keep.shape[:2], generator=gen), t.n_heads).float()
+    empty = keep.sum(-1, keepdim=True) == 0
+    keep = torch.where(empty, pick, keep)
+    keep[::2] = 1.0
+
+    def drop(z: Tensor, hook) -> Tensor:  # z: [batch, pos, head, d_head]
+        layer = int(hook.name.split(".")[1])
+        return z * keep[:, layer][:, None, :, None]
+
+    return model.run_with_hooks(tokens, fwd_hooks=[(lambda name: name.endswith("attn.hook_z"), drop)])
+
+
+HEAD_DROPOUT_START = 0.5
+"""Head dropout starts this far into training: induction forms first (from the start, with
+p = 0.5 it had not formed after 2,000 steps)."""
+
+
 def _train(model: TransformerBridge, t: InductionTraining, progress: bool) -> list[float]:
     gen = torch.Generator().manual_seed(t.seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -457,7 +495,11 @@ def _train(model: TransformerBridge, t: InductionTraining, progress: bool) -> li
     bar = tqdm(range(t.steps), desc=f"training {t.n_layers}-layer induction model", disable=not progress)
     for step in bar:
         tokens, scored = _training_batch(t, gen)
-        losses = _next_token_losses(model(tokens), tokens)
+        if t.head_dropout > 0 and step >= HEAD_DROPOUT_START * t.steps:
+            logits = _forward_with_head_dropout(model, tokens, t, gen)
+        else:
+            logits = model(tokens)
+        losses = _next_token_losses(logits, tokens)
         loss = (losses * scored).sum() / scored.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -494,6 +536,7 @@ def train_induction_model(
     n_heads: int = 4,
     batch_size: int = 64,
     lr: float = 3e-3,
+    head_dropout: float = 0.0,
     cache_dir: Optional[os.PathLike[str] | str] = None,
     use_cache: bool = True,
     progress: bool = True,
@@ -520,6 +563,9 @@ def train_induction_model(
         d_vocab: Number of random-token ids (the model's vocab is ``d_vocab + 1`` with BOS last).
         d_model, n_heads: Width and heads (no LayerNorm, learned positions, ``n_ctx = 64``).
         batch_size, lr: Training batch size and learning rate.
+        head_dropout: Zero each head's output with this probability per training sequence
+            (see :class:`InductionTraining`): trains a redundant circuit in which a few heads can
+            do the job without the others. 0 (default) is the standard model.
         cache_dir: Cache folder (default :func:`default_cache_dir`). The weights are cached as
             safetensors keyed by a hash of every argument above plus the torch and
             TransformerLens versions, written atomically.
@@ -541,7 +587,10 @@ def train_induction_model(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
+        head_dropout=float(head_dropout),
     )
+    if not 0.0 <= t.head_dropout < 1.0:
+        raise ValueError(f"train_induction_model: head_dropout must be in [0, 1), got {head_dropout}")
     if not t.train_lengths or min(t.train_lengths) < 2:
         raise ValueError(f"train_induction_model: train_lengths must be >= 2, got {t.train_lengths}")
     model = _boot_induction(t)

@@ -620,3 +620,68 @@ def test_induction_removal_that_breaks_the_task(induction_model, induction_circu
         losses = r[mode]
         assert len(losses) == 8
         assert sum(losses) / len(losses) < 0.5 * r["loss"], mode
+
+
+# --------------------------------------------------------------------------------------------
+# A redundant induction model (head dropout in training): the issue's original target
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redundant_induction_model():
+    """2-layer induction model trained with ``head_dropout=0.5`` (cached on disk after the first run)."""
+    from minterp_tl.models import train_induction_model
+
+    return train_induction_model(2, head_dropout=0.5, progress=False)
+
+
+def test_redundant_induction_half_size_subnetwork(redundant_induction_model):
+    model = redundant_induction_model
+    test = repeated_random_tokens(128, 11, 64, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(1)
+    train = [repeated_random_tokens(48, L, 64, gen) for L in (8, 10, 12, 14, 17, 19, 22, 24)]
+    report = induction_report(model, 11)
+    with torch.no_grad():
+        full = float(_second_half_loss(model(test), test))
+    # Exhaustive: some subset of <= 4 of the 8 heads keeps the loss within 10% of the full model.
+    small = _subset_losses(model, test, range(0, 5))
+    best = min(small, key=small.get)
+    assert small[best] <= 1.10 * full
+    # The learned head mask finds such a subset, with a previous-token and an induction head.
+    hp = dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=2.0)
+    cfg = CircuitConfig("continuous_sparsification", hp, ("attn.W_O",), l0_lambda=0.15)
+    circuit, _ = find_subnetwork(model, cfg, train, _second_half_loss, steps=80, epochs=8, lr=0.1, progress=False)
+    try:
+        with torch.no_grad():
+            heads = circuit.kept_heads()
+            loss = float(_second_half_loss(circuit(test), test))
+            assert len(heads) <= 4 and loss <= 1.10 * full
+            assert any(float(report.prev_token_scores[l, h]) > 0.5 for l, h in heads)
+            assert any(float(report.induction_scores[l, h]) > 0.5 for l, h in heads)
+            random_losses = []
+            for i in range(8):
+                circuit.set_ablate_mode("randomly_sampled", force_resample=True, seed=i)
+                random_losses.append(float(_second_half_loss(circuit(test), test)))
+            assert sum(random_losses) / 8 > 3 * loss  # random same-size sets are far worse on average
+            # Removing the found subnetwork: measured, not assumed (a redundant model could survive it).
+            circuit.set_ablate_mode("zero_ablate")
+            removed = float(_second_half_loss(circuit(test), test))
+            assert removed > 5 * full  # here the rest cannot do the task (0.338 -> 3.18, chance 4.16)
+    finally:
+        circuit.detach()
+    # The subnetwork whose removal breaks the task: a mask trained to maximise the loss under zero_ablate
+    # with a size penalty. It removes two induction heads; removing random pairs hurts far less.
+    hp = dict(ablation="zero_ablate", mask_unit="head", mask_bias=False, mask_init_value=-2.0)
+    cfg = CircuitConfig("continuous_sparsification", hp, ("attn.W_O",), l0_lambda=0.05)
+    breaker, _ = find_subnetwork(model, cfg, train, _second_half_loss, steps=80, epochs=8, lr=0.1, maximize=True,
+                                 progress=False)
+    try:
+        with torch.no_grad():
+            removed_heads = breaker.kept_heads()
+            broken = float(_second_half_loss(breaker(test), test))
+    finally:
+        breaker.detach()
+    assert 1 <= len(removed_heads) <= 2 and broken > 0.8 * math.log(64)
+    assert all(float(report.induction_scores[l, h]) > 0.5 for l, h in removed_heads)
+    pairs = _subset_losses(model, test, [6])  # keep 6 of 8 = remove every pair
+    assert sum(pairs.values()) / len(pairs) < 0.5 * broken

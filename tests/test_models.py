@@ -190,3 +190,19 @@ def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     cached = train_induction_model(2, **kwargs)
     for pa, pd in zip(a.parameters(), cached.parameters()):
         assert torch.equal(pa, pd)
+
+
+def test_head_dropout_model_is_still_an_induction_model():
+    """``head_dropout=0.5`` (redundant circuit, used in test_circuits) still does induction at held-out L.
+    Cached on disk after the first run (about 55 s of training on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = train_induction_model(2, head_dropout=0.5, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert models.InductionTraining(head_dropout=0.5).key() != models.InductionTraining().key()
+    for length in HELD_OUT_LENGTHS:
+        report = induction_report(model, length)
+        assert report.second_half_loss < 0.5, report
+        assert report.best_prev_token_head()[0] == 0 and report.best_induction_head()[0] == 1
