@@ -591,6 +591,16 @@ def _uniform(shape: torch.Size, bound: float, generator: torch.Generator) -> Ten
 # --------------------------------------------------------------------------------------------
 
 
+def _all_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module of ``model``, including the wrapped HF model a TransformerBridge keeps outside its
+    registered children (``original_model``), whose train / eval mode ``model.train()`` also sets."""
+    modules = {id(m): m for m in model.modules()}
+    inner = getattr(model, "original_model", None)
+    if isinstance(inner, nn.Module):
+        modules.update({id(m): m for m in inner.modules()})
+    return list(modules.values())
+
+
 class CircuitModel(nn.Module):
     """A ``TransformerBridge`` with learned (or magnitude) masks on some of its weights.
 
@@ -634,6 +644,7 @@ class CircuitModel(nn.Module):
             self.names.append(name)
             self.mask_layers[_key(name)] = _MaskLayer(name, linear, side, group, config)
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        self._training = [(m, m.training) for m in _all_modules(model)]  # restored by detach()
         self._attach()
         self.set_ablate_mode(config.ablation)
         self.train(model.training)
@@ -678,7 +689,8 @@ class CircuitModel(nn.Module):
         self._attached = True
 
     def detach(self) -> TransformerBridge:
-        """Remove the masks from the model and restore ``requires_grad``; return the model.
+        """Remove the masks from the model and restore ``requires_grad`` and the train / eval mode of
+        every module as they were when the masks were attached; return the model.
 
         The CircuitModel is unusable afterwards (its masks stay readable, e.g. for saving).
         """
@@ -690,6 +702,8 @@ class CircuitModel(nn.Module):
                     object.__setattr__(linear, "_minterp_circuit_mask", None)
             for p in self.model.parameters():
                 p.requires_grad_(self._requires_grad.get(id(p), p.requires_grad))
+            for module, training in self._training:
+                module.training = training
             self._attached = False
         return self.model
 

@@ -401,6 +401,8 @@ def test_frozen_base_gets_no_gradient_and_l0_is_added_to_the_loss(toys):
     model = toys["gqa"]
     x = _tokens(pos=7)
     lam = 0.25
+    modules = [*model.modules(), *model.original_model.modules()]
+    assert not any(m.training for m in modules)
     with CircuitModel(CircuitConfig(mask_hparams=CS, target_layers=("all[1:3]",), l0_lambda=lam), model) as c:
         c.train(True)
         assert all(not p.requires_grad for p in model.parameters())
@@ -418,6 +420,7 @@ def test_frozen_base_gets_no_gradient_and_l0_is_added_to_the_loss(toys):
         c.train()
         assert all(not p.requires_grad for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())  # restored on detach
+    assert not any(m.training for m in modules)  # so is eval mode (TL's patching requires it)
 
     unfrozen = CircuitConfig(mask_hparams=CS, target_layers=("W_in[0]",), freeze_base=False, add_l0=False)
     with CircuitModel(unfrozen, model) as c:
