@@ -11,14 +11,16 @@ needs::
 
 The difference is how the work is done: many patched copies of the corrupted batch run in one
 batched forward pass (``[copies * batch, pos]``), each copy with its own patch applied by TL's own
-patch setters, chunked so a chunk fits the memory budget. On Hugging Face models (SmolLM2) what a
+patch setters, chunked so a chunk fits the memory budget. A patch that leaves the corrupted activation
+bit-for-bit unchanged (e.g. before the first token where the prompts differ) runs no forward at all:
+its value is the corrupted run's metric. On Hugging Face models (SmolLM2) what a
 patch cannot change is not recomputed: a chunk of patches at blocks >= l0 and positions >= p0 starts
 at block l0 from the corrupted run's residual and at position p0 from its key/value cache. Results equal TL's up to the rounding of
 batched matrix products (``<= 1e-4`` in the tests).
 
 Keyword arguments of our own, on every function: ``max_batch`` (the most sequences in one forward),
-``memory_budget`` (bytes; default a quarter of the free memory) and ``progress`` (a tqdm bar over
-chunks).
+``memory_budget`` (bytes; default a quarter of the free memory), ``progress`` (a tqdm bar over
+chunks) and ``skip_unchanged`` (default ``True``).
 
 Also here:
 
