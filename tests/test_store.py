@@ -177,6 +177,32 @@ def test_save_with_lazy_tensors_hashes_and_reads_only_the_new_ones(tmp_path):
     assert _same(store.load(), {"only": torch.ones(2)})
 
 
+def test_save_again_with_fresh_tensors_blake2b_hashes_only_the_changed_ones(tmp_path, monkeypatch):
+    """Unchanged tensors are recognised by their fast fingerprint and keep their stored blake2b hash;
+    only new content is blake2b-hashed, and a one-element change is still seen."""
+    import minterp_tl.store as store_module
+
+    tensors = _make(4, 6, 5000)
+    store = StateStore(tmp_path / "s")
+    store.save(tensors)
+    hashed = []
+    real = store_module.tensor_hash
+    monkeypatch.setattr(store_module, "tensor_hash", lambda t: hashed.append(t) or real(t))
+    fresh = {k: v.clone() for k, v in tensors.items()}
+    fresh["t1"][0] += 1.0
+    report = store.save(fresh)
+    assert report.written == ["t1"] and len(report.unchanged) == 5
+    assert len(hashed) == 1 and torch.equal(hashed[0], fresh["t1"])
+    monkeypatch.setattr(store_module, "tensor_hash", real)
+    assert _same(store.load(), fresh)  # load verifies every blake2b hash
+    assert all(lazy.hash == tensor_hash(fresh[k]) for k, lazy in store.lazy().items())
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert all(len(e["xxh3"]) == 32 for e in manifest["tensors"].values())
+    # a lazy round trip keeps the fingerprints, so the next fresh save still skips the hashing
+    store.save(store.lazy())
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["tensors"] == manifest["tensors"]
+
+
 def test_bad_input_is_refused(tmp_path):
     store = StateStore(tmp_path)
     with pytest.raises(ValueError, match="No state store"):
