@@ -3,11 +3,12 @@
 A store of ``--n`` float32 tensors of ``--mib`` MiB each (default 100 x 1 MiB) goes through:
 
 - ``first save``: :meth:`StateStore.save` into an empty directory (hash, serialise, write, fsync);
-- ``save, 1 changed``: the same dict of tensors with one changed (every tensor is hashed; one file and
+- ``save, 1 changed``: the same dict of tensors with one changed (every tensor is fingerprinted with
+  xxh3, only the changed one blake2b-hashed; one file and
   the manifest are written);
 - ``save, 1 changed (lazy dict)``: ``d = store.lazy(); d[name] = new; store.save(d)`` -- the 99
   unchanged entries are lazy tensors of the store, so only the new tensor is hashed and written;
-- ``save, none changed``: the same dict of tensors again (every tensor hashed, nothing written);
+- ``save, none changed``: the same dict of tensors again (every tensor fingerprinted, nothing written);
 - ``safetensors save_file (all)``: the baseline -- one ``safetensors.torch.save_file`` of every tensor
   (what rewriting the whole file costs, without fsync);
 - ``lazy compare (1 changed)``: a fresh ``StateStore`` on the directory, ``lazy()`` and ``lazy == t``
