@@ -24,9 +24,11 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -143,13 +145,24 @@ def _require_gguf_reader() -> None:
         )
 
 
-def _quiet_transformers(progress: bool) -> None:
+@contextmanager
+def _quiet_transformers(progress: bool) -> Iterator[None]:
+    """Turn transformers' progress bars on or off, including the GGUF de-quantisation bar, which
+    uses ``tqdm`` directly rather than transformers' switch (restored on exit)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     if progress:
         hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _load_smollm2(device: str, dtype: torch.dtype, progress: bool) -> TransformerBridge:
@@ -157,10 +170,10 @@ def _load_smollm2(device: str, dtype: torch.dtype, progress: bool) -> Transforme
     _require_gguf_reader()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers(progress)
     directory, filename = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype)
+    with _quiet_transformers(progress):
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype)
     hf_model.eval()
     bridge = TransformerBridge.boot_transformers(
         directory, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
@@ -207,9 +220,9 @@ def load_model(
         model = _load_smollm2(device, dtype, progress)
         name = DEFAULT_MODEL
     else:
-        _quiet_transformers(progress)
         try:
-            model = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
+            with _quiet_transformers(progress):
+                model = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
         except Exception as err:  # noqa: BLE001 - re-raised with the name and what would work
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(
