@@ -206,3 +206,16 @@ def test_head_dropout_model_is_still_an_induction_model():
         report = induction_report(model, length)
         assert report.second_half_loss < 0.5, report
         assert report.best_prev_token_head()[0] == 0 and report.best_induction_head()[0] == 1
+
+
+def test_progress_false_hides_the_gguf_dequantisation_bar():
+    """transformers' GGUF loader calls tqdm directly; load_model(progress=False) must silence it too,
+    and only for the duration of the load."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    with models._quiet_transformers(False):
+        assert gguf_utils.tqdm(range(3)).disable
+    assert gguf_utils.tqdm is original
+    with models._quiet_transformers(True):
+        assert gguf_utils.tqdm is original
