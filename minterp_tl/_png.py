@@ -9,9 +9,9 @@ from typing import Any, Union
 
 
 def save_png(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
-    """Save ``fig`` to ``path`` as a PNG and close it; the file is never left half-written."""
-    import matplotlib.pyplot as plt
-
+    """Save ``fig`` (a ``matplotlib.figure.Figure``) to ``path`` as a PNG; the file is never left
+    half-written. Figures made with ``Figure(...)`` need no pyplot, so plotting never changes the
+    caller's matplotlib backend (inline figures in notebooks keep working)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
@@ -19,7 +19,6 @@ def save_png(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
         fig.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path

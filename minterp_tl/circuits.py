@@ -1005,14 +1005,12 @@ class CircuitModel(nn.Module):
     def plot_masks(self, path: Union[str, os.PathLike[str]]) -> Path:
         """PNG of the found masks: a masked-weights x units heatmap for head / neuron masks, the
         fraction kept per masked weight for weight masks."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend, no figure manager
 
         masks = {layer.name: layer.hard().float().cpu() for layer in self._layers()}
         if self.config.mask_unit == "weight":
-            fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(masks) + 2), 3.5))
+            fig = Figure(figsize=(max(4, 0.4 * len(masks) + 2), 3.5))
+            ax = fig.subplots()
             ax.bar(range(len(masks)), [float(m.mean()) for m in masks.values()])
             ax.set_xticks(range(len(masks)), list(masks), rotation=90, fontsize=7)
             ax.set_ylabel("fraction kept")
@@ -1021,7 +1019,8 @@ class CircuitModel(nn.Module):
             grid = torch.full((len(masks), width), float("nan"))
             for i, m in enumerate(masks.values()):
                 grid[i, : m.numel()] = m
-            fig, ax = plt.subplots(figsize=(min(12, 2 + 0.35 * width), 1 + 0.35 * len(masks)))
+            fig = Figure(figsize=(min(12, 2 + 0.35 * width), 1 + 0.35 * len(masks)))
+            ax = fig.subplots()
             ax.imshow(grid.numpy(), cmap="Greens", vmin=0, vmax=1, aspect="auto")
             ax.set_yticks(range(len(masks)), list(masks), fontsize=7)
             ax.set_xlabel(self.config.mask_unit)
@@ -1094,12 +1093,10 @@ class SubnetworkHistory:
 
     def plot(self, path: Union[str, os.PathLike[str]]) -> Path:
         """PNG with the task loss, the L0 and the temperature over the steps."""
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: no global backend, no figure manager
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+        fig = Figure(figsize=(11, 3.2))
+        axes = fig.subplots(1, 3)
         for ax, values, title in zip(axes, (self.task_loss, self.l0, self.temperature), ("task loss", "L0 (training)", "temperature")):
             ax.plot(values)
             ax.set_title(title)

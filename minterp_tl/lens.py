@@ -142,16 +142,14 @@ class LensResult:
     ) -> Path:
         """Save a layers x positions heatmap as a PNG: colour = probability of the top token (or of
         ``answer``), text = the top token. Written to a temporary file and renamed."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend, no figure manager
 
         probs, ids = self.top_k(1)
         colour = probs[:, prompt, :, 0] if answer is None else self.answer_prob(answer)[:, prompt]
         colour = colour.detach().float().cpu()
         rows, cols = colour.shape
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * cols + 2), max(4.0, 0.28 * rows + 1.5)))
+        fig = Figure(figsize=(max(5.0, 1.1 * cols + 2), max(4.0, 0.28 * rows + 1.5)))
+        ax = fig.subplots()
         im = ax.imshow(colour.numpy(), aspect="auto", origin="lower", cmap="Blues", vmin=0.0, vmax=1.0)
         for r in range(rows):
             for c in range(cols):

@@ -836,16 +836,14 @@ def plot_heatmap(
     ``center=True`` uses a diverging colour map centred on 0 (patching effects have a sign). The file
     is written to a temporary name and renamed, so it is never left half-written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no figure manager
 
     values = torch.as_tensor(values).detach().float().cpu()
     if values.ndim != 2:
         raise ValueError(f"plot_heatmap needs a 2-D tensor, got shape {tuple(values.shape)}")
     rows, cols = values.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * cols + 2), max(3.0, 0.3 * rows + 1.5)))
+    fig = Figure(figsize=(max(4.0, 0.6 * cols + 2), max(3.0, 0.3 * rows + 1.5)))
+    ax = fig.subplots()
     vmax = float(values.abs().max()) or 1.0
     im = ax.imshow(values.numpy(), aspect="auto", cmap="RdBu" if center else "viridis",
                    vmin=-vmax if center else None, vmax=vmax if center else None)

@@ -431,16 +431,14 @@ def plot_routes(
     Edge width is proportional to the weight; attention edges are blue, FFN edges orange,
     residual edges grey.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no figure manager
     from matplotlib.collections import LineCollection
 
     tau = float(graph.graph["threshold"] if threshold is None else threshold)
     shown = graph if token is None else paths_to_prediction(graph, token, tau)
     n_tokens, n_layers = int(graph.graph["n_tokens"]), int(graph.graph["n_layers"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * n_tokens + 2), max(5.0, 0.15 * (2 * n_layers + 1) + 2)))
+    fig = Figure(figsize=(max(6.0, 1.2 * n_tokens + 2), max(5.0, 0.15 * (2 * n_layers + 1) + 2)))
+    ax = fig.subplots()
     groups: dict[str, tuple[list, list]] = {"attn": ([], []), "ffn": ([], []), "resid": ([], [])}
     for u, v, d in shown.edges(data=True):
         if d["weight"] <= tau:
