@@ -26,10 +26,8 @@ import argparse
 import math
 import sys
 import time
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Sequence
 
 if TYPE_CHECKING:  # the heavy imports happen inside the commands, so --help and bad input stay fast
     from jaxtyping import Float, Int
@@ -224,32 +222,12 @@ def _check_spec(value: Optional[str], option: str, what: str) -> None:
         raise _BadInput(f"{option}: {err}") from None
 
 
-@contextmanager
-def _quiet_gguf(progress: bool) -> Iterator[None]:
-    """Hide transformers' GGUF de-quantisation bar (a bare tqdm that ignores its logging switch)."""
-    if progress:
-        yield
-        return
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # pragma: no cover - no GGUF support: nothing to hide
-        yield
-        return
-    original = gguf_utils.tqdm
-    gguf_utils.tqdm = partial(original, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
-
-
 def _load_text_model(args: argparse.Namespace) -> Any:
     """Load ``--model``; a model that cannot be loaded or has no tokenizer is :class:`_BadInput`."""
     from minterp_tl.models import load_model
 
     try:
-        with _quiet_gguf(not args.no_progress):
-            model = load_model(args.model, progress=not args.no_progress)
+        model = load_model(args.model, progress=not args.no_progress)  # progress=False hides every bar
     except (ValueError, ImportError) as err:
         raise _BadInput(str(err).splitlines()[0]) from None
     if model.tokenizer is None:
@@ -523,7 +501,7 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     print(f"position     {token} ({tokens[token]!r}), predicts {llm.tokens_to_strings(torch.tensor([predicted]))[0]!r}")
     print(f"graph        {graph.number_of_edges()} edges (tau = {args.threshold:g}); "
           f"{kept.number_of_edges()} lead to the prediction; built in {seconds:.2f} s")
-    print(f"\nstrongest paths (weight = product of the shares along the path):")
+    print("\nstrongest paths (weight = product of the shares along the path):")
     if not paths:
         print("  none above the threshold; try a lower --threshold")
     for route in paths:
