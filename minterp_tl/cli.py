@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--hook into the corrupted run at each selected layer x position (x head) and measure\n"
                 "logit(answer) - logit(wrong) at the last position (--normalize: 0 = as corrupted, 1 = as clean).\n"
                 "Many patched copies run per forward pass (minterp_tl.patching.activation_patch). Prints the\n"
-                "cells with the largest |value| and writes the heatmap PNG.\n\n"
+                "cells with the largest effect |value - corrupted value| and writes the heatmap PNG.\n\n"
                 "The two prompts must have the same number of tokens. Default pair (IOI):\n"
                 f"  clean:     {IOI_CLEAN!r}\n  corrupted: {IOI_CORRUPTED!r}")
     patch.add_argument("clean", nargs="?", default=IOI_CLEAN, help="the clean prompt (default: the IOI prompt above)")

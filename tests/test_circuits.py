@@ -611,7 +611,7 @@ def test_induction_no_half_size_subnetwork_exists_on_this_model(induction_model,
 
 
 def test_induction_removal_that_breaks_the_task(induction_model, induction_circuits):
-    r, full = induction_circuits["break"], induction_circuits["full"]
+    r = induction_circuits["break"]
     report = induction_report(induction_model, 11)
     removed = r["heads"]  # units the break mask selects: removed under zero_ablate
     assert 1 <= len(removed) <= 2
