@@ -86,7 +86,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from minterp_tl._png import save_png
+from minterp_tl._files import save_png
 from minterp_tl.specs import SpecLike, check_spec, resolve
 
 logger = logging.getLogger(__name__)

@@ -297,7 +297,7 @@ def _plot_next_tokens(tokens: Sequence[str], probs: Sequence[float], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from minterp_tl._png import save_png
+    from minterp_tl._files import save_png
 
     fig, ax = plt.subplots(figsize=(6.0, 1.2 + 0.35 * len(tokens)))
     ax.barh(range(len(tokens)), probs, color="tab:blue")

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from minterp_tl.context import Prompts, RepresentationContext
-from minterp_tl._png import save_png
+from minterp_tl._files import save_png
 from minterp_tl.specs import SpecLike
 from minterp_tl.state import StateManager
 from minterp_tl.wrapper import Batch, ModelWrapper

@@ -22,7 +22,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -36,6 +35,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
+
+from minterp_tl._files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -526,16 +527,7 @@ def _train(model: TransformerBridge, t: InductionTraining, progress: bool) -> li
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def train_induction_model(

@@ -65,7 +65,7 @@ from transformer_lens.patching import (
 from transformer_lens.utilities import get_act_name
 
 from minterp_tl.names import resolve_name
-from minterp_tl._png import save_png
+from minterp_tl._files import save_png
 from minterp_tl.specs import SpecLike, resolve
 from minterp_tl.state import hook_layout
 

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -55,7 +53,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from minterp_tl._png import save_png
+from minterp_tl._files import atomic_write, save_png
 from minterp_tl.transparent import TransparentLlm
 
 DEFAULT_THRESHOLD = 0.04
@@ -376,16 +374,7 @@ def graph_to_dict(graph: nx.DiGraph) -> dict[str, Any]:
 
 def save_json(graph: nx.DiGraph, path: Union[str, Path]) -> Path:
     """Write :func:`graph_to_dict` to ``path`` as JSON (a temporary file, then renamed)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(graph_to_dict(graph), fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda fh: fh.write(json.dumps(graph_to_dict(graph)).encode()))
 
 
 def load_json(path: Union[str, Path]) -> nx.DiGraph:
