@@ -29,16 +29,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from minterp_tl._png import save_png
+from minterp_tl._files import save_png
 from minterp_tl.circuits import CircuitConfig, CircuitModel, find_subnetwork
-from minterp_tl.models import induction_report, load_model, repeated_random_tokens, train_induction_model
-
-
-def second_half_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss predicting t_2..t_L of the second copy of [BOS, t_1..t_L, t_1..t_L]."""
-    length = (tokens.shape[1] - 1) // 2
-    logprobs = logits[:, length + 1 : 2 * length].log_softmax(-1)
-    return -logprobs.gather(-1, tokens[:, length + 2 : 2 * length + 1, None]).mean()
+from minterp_tl.models import (
+    induction_report,
+    load_model,
+    repeated_random_tokens,
+    second_half_loss,
+    train_induction_model,
+)
 
 
 def all_subsets(model, test: torch.Tensor, chunk: int = 16) -> dict[tuple, float]:

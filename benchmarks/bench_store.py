@@ -169,7 +169,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from minterp_tl._png import save_png
+        from minterp_tl._files import save_png
 
         fig, ax = plt.subplots(figsize=(7, 3.2))
         names = list(rows)

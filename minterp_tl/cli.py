@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Sequence
 
 if TYPE_CHECKING:  # the heavy imports happen inside the commands, so --help and bad input stay fast
-    from jaxtyping import Float, Int
+    from jaxtyping import Float
     from torch import Tensor
 
 DEFAULT_PROMPT = "The capital of France is"
@@ -519,19 +519,6 @@ def _cmd_routes(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def second_half_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:
-    """Mean next-token loss predicting ``t_2..t_L`` of the second copy of ``[BOS, t_1..t_L, t_1..t_L]``
-    (near 0 for a model that does induction, about ``ln d_vocab`` for one that does not).
-
-    Args:
-        logits: The model's logits on ``tokens``.
-        tokens: Repeated random tokens, ``[batch, 2 L + 1]`` (see ``models.repeated_random_tokens``).
-    """
-    length = (tokens.shape[1] - 1) // 2
-    logprobs = logits[:, length + 1 : 2 * length].log_softmax(-1)
-    return -logprobs.gather(-1, tokens[:, length + 2 : 2 * length + 1, None]).mean()
-
-
 def _cmd_circuit(args: argparse.Namespace) -> int:
     if args.model not in CIRCUIT_MODELS:
         raise _BadInput(f"circuit --model must be one of {', '.join(CIRCUIT_MODELS)} (trained induction models), "
@@ -547,7 +534,7 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     import torch
 
     from minterp_tl.circuits import CircuitConfig, find_subnetwork
-    from minterp_tl.models import induction_report, repeated_random_tokens, train_induction_model
+    from minterp_tl.models import induction_report, repeated_random_tokens, second_half_loss, train_induction_model
 
     torch.set_num_threads(1)  # a tiny model: a second thread only adds contention
     head_dropout = CIRCUIT_MODELS[args.model]

@@ -449,6 +449,20 @@ def _next_token_losses(
     return -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
 
 
+def second_half_loss(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:
+    """The induction task loss: mean next-token loss predicting ``t_2..t_L`` of the second copy of
+    ``[BOS, t_1..t_L, t_1..t_L]`` (near 0 for a model that does induction, about ``ln d_vocab`` for one
+    that does not).
+
+    Args:
+        logits: The model's logits on ``tokens``.
+        tokens: Repeated random tokens, ``[batch, 2 L + 1]`` (see :func:`repeated_random_tokens`).
+    """
+    length = (tokens.shape[1] - 1) // 2
+    logprobs = logits[:, length + 1 : 2 * length].log_softmax(-1)
+    return -logprobs.gather(-1, tokens[:, length + 2 : 2 * length + 1, None]).mean()
+
+
 def _training_batch(
     t: InductionTraining, gen: torch.Generator
 ) -> tuple[Int[Tensor, "batch pos"], Float[Tensor, "batch pos-1"]]:
@@ -690,9 +704,8 @@ def induction_report(
         pattern = cache[name]  # [batch, head, query, key]
         ind.append(pattern[:, :, second, second - length + 1].mean(dim=(0, 2)))
         prev.append(pattern[:, :, later, later - 1].mean(dim=(0, 2)))
-    losses = _next_token_losses(logits, tokens)  # loss[j] predicts token j + 1
-    first_half = losses[:, 1:length].mean()  # predicts t_2..t_L of the first copy
-    second_half = losses[:, length + 1 : 2 * length].mean()  # predicts t_2..t_L of the second copy
+    first_half = _next_token_losses(logits, tokens)[:, 1:length].mean()  # predicts t_2..t_L of the first copy
+    second_half = second_half_loss(logits, tokens)
     return InductionReport(
         length=length,
         induction_scores=torch.stack(ind),

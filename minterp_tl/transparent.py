@@ -399,21 +399,21 @@ class TransformerLensTransparentLlm(TransparentLlm):
         if not self._has_mlp:
             raise ValueError(f"{what}: model {self._info.name!r} is attention-only; it has no FFN neurons")
 
-    @torch.no_grad()
     def _attn_weights(self, layer: int) -> tuple[Float[Tensor, "head d_head d_model"], Float[Tensor, "d_model"]]:
         attn: Any = self.model.blocks[layer].attn
-        w_o = attn.W_O.detach()
-        b_o = attn.b_O
-        b_o = torch.zeros(w_o.shape[-1], dtype=w_o.dtype, device=w_o.device) if b_o is None else b_o.detach()
-        return w_o, b_o
+        return _weight_and_bias(attn.W_O, attn.b_O)
 
-    @torch.no_grad()
     def _ffn_weights(self, layer: int) -> tuple[Float[Tensor, "d_mlp d_model"], Float[Tensor, "d_model"]]:
         mlp: Any = self.model.blocks[layer].mlp
-        w_out = mlp.W_out.detach()
-        b_out = mlp.b_out
-        b_out = torch.zeros(w_out.shape[-1], dtype=w_out.dtype, device=w_out.device) if b_out is None else b_out.detach()
-        return w_out, b_out
+        return _weight_and_bias(mlp.W_out, mlp.b_out)
+
+
+def _weight_and_bias(weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """An output projection's weight ``[..., d_model]`` and bias (zeros when it has none), detached."""
+    weight = weight.detach()
+    if bias is None:
+        return weight, torch.zeros(weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    return weight, bias.detach()
 
 
 __all__ = ["ModelInfo", "TransparentLlm", "TransformerLensTransparentLlm"]

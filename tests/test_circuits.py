@@ -22,7 +22,7 @@ from minterp_tl.circuits import (
     CircuitModel,
     find_subnetwork,
 )
-from minterp_tl.models import induction_report, repeated_random_tokens, toy_model
+from minterp_tl.models import induction_report, repeated_random_tokens, second_half_loss, toy_model
 
 
 
@@ -480,13 +480,6 @@ def test_one_circuit_per_model_and_bad_arguments(toys):
 INDUCTION_HEADS_MIN_SCORE = 0.3
 
 
-def _second_half_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss predicting t_2..t_L of the second copy of [BOS, t_1..t_L, t_1..t_L]."""
-    length = (tokens.shape[1] - 1) // 2
-    logprobs = logits[:, length + 1 : 2 * length].log_softmax(-1)
-    return -logprobs.gather(-1, tokens[:, length + 2 : 2 * length + 1, None]).mean()
-
-
 @pytest.fixture(scope="module")
 def induction_circuits(induction_model, tmp_path_factory):
     """Train a keep mask and a break mask (head units on W_O), measure them, detach."""
@@ -496,7 +489,7 @@ def induction_circuits(induction_model, tmp_path_factory):
     test = repeated_random_tokens(128, 11, 64, torch.Generator().manual_seed(5))  # held-out length
     out: dict = {"test": test}
     with torch.no_grad():
-        out["full"] = float(_second_half_loss(model(test), test))
+        out["full"] = float(second_half_loss(model(test), test))
     for variant, ablation, init, lam, maximize in (
         ("keep", "none", 2.0, 0.05, False),
         ("break", "zero_ablate", -2.0, 0.5, True),
@@ -504,14 +497,14 @@ def induction_circuits(induction_model, tmp_path_factory):
         hp = dict(ablation=ablation, mask_unit="head", mask_bias=False, mask_init_value=init)
         cfg = CircuitConfig("continuous_sparsification", hp, ("attn.W_O",), l0_lambda=lam)
         circuit, history = find_subnetwork(
-            model, cfg, train, _second_half_loss, steps=80, epochs=8, lr=0.1, maximize=maximize, progress=False
+            model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, maximize=maximize, progress=False
         )
         with torch.no_grad():
             r: dict = {"heads": circuit.kept_heads(), "history": history}
-            r["loss"] = float(_second_half_loss(circuit(test), test))  # under the config's ablation
+            r["loss"] = float(second_half_loss(circuit(test), test))  # under the config's ablation
             if variant == "keep":
                 circuit.set_ablate_mode("zero_ablate")
-                r["zero_ablate"] = float(_second_half_loss(circuit(test), test))
+                r["zero_ablate"] = float(second_half_loss(circuit(test), test))
             for mode in ("randomly_sampled", "complement_sampled"):
                 losses = []
                 for i in range(8):
@@ -519,7 +512,7 @@ def induction_circuits(induction_model, tmp_path_factory):
                         circuit.set_ablate_mode(mode, force_resample=True, seed=i, remove=variant == "break")
                     except ValueError:
                         break
-                    losses.append(float(_second_half_loss(circuit(test), test)))
+                    losses.append(float(second_half_loss(circuit(test), test)))
                 r[mode] = losses
             r["temperature"] = circuit.temperature
             plots = tmp_path_factory.mktemp("plots")
@@ -554,7 +547,7 @@ def _subset_losses(model, test, sizes, chunk: int = 16) -> dict[tuple, float]:
             tokens = test.repeat(len(part), 1)
             logits = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("attn.hook_z"), hook)])
             for i, keep in enumerate(part):
-                result[keep] = float(_second_half_loss(logits[i * b : (i + 1) * b], test))
+                result[keep] = float(second_half_loss(logits[i * b : (i + 1) * b], test))
     return result
 
 
@@ -645,7 +638,7 @@ def test_redundant_induction_half_size_subnetwork(redundant_induction_model):
     train = [repeated_random_tokens(48, L, 64, gen) for L in (8, 10, 12, 14, 17, 19, 22, 24)]
     report = induction_report(model, 11)
     with torch.no_grad():
-        full = float(_second_half_loss(model(test), test))
+        full = float(second_half_loss(model(test), test))
     # Exhaustive: some subset of <= 4 of the 8 heads keeps the loss within 10% of the full model.
     small = _subset_losses(model, test, range(0, 5))
     best = min(small, key=small.get)
@@ -653,22 +646,22 @@ def test_redundant_induction_half_size_subnetwork(redundant_induction_model):
     # The learned head mask finds such a subset, with a previous-token and an induction head.
     hp = dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=2.0)
     cfg = CircuitConfig("continuous_sparsification", hp, ("attn.W_O",), l0_lambda=0.15)
-    circuit, _ = find_subnetwork(model, cfg, train, _second_half_loss, steps=80, epochs=8, lr=0.1, progress=False)
+    circuit, _ = find_subnetwork(model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, progress=False)
     try:
         with torch.no_grad():
             heads = circuit.kept_heads()
-            loss = float(_second_half_loss(circuit(test), test))
+            loss = float(second_half_loss(circuit(test), test))
             assert len(heads) <= 4 and loss <= 1.10 * full
             assert any(float(report.prev_token_scores[l, h]) > 0.5 for l, h in heads)
             assert any(float(report.induction_scores[l, h]) > 0.5 for l, h in heads)
             random_losses = []
             for i in range(8):
                 circuit.set_ablate_mode("randomly_sampled", force_resample=True, seed=i)
-                random_losses.append(float(_second_half_loss(circuit(test), test)))
+                random_losses.append(float(second_half_loss(circuit(test), test)))
             assert sum(random_losses) / 8 > 3 * loss  # random same-size sets are far worse on average
             # Removing the found subnetwork: measured, not assumed (a redundant model could survive it).
             circuit.set_ablate_mode("zero_ablate")
-            removed = float(_second_half_loss(circuit(test), test))
+            removed = float(second_half_loss(circuit(test), test))
             assert removed > 5 * full  # here the rest cannot do the task (0.338 -> 3.18, chance 4.16)
     finally:
         circuit.detach()
@@ -676,12 +669,12 @@ def test_redundant_induction_half_size_subnetwork(redundant_induction_model):
     # with a size penalty. It removes two induction heads; removing random pairs hurts far less.
     hp = dict(ablation="zero_ablate", mask_unit="head", mask_bias=False, mask_init_value=-2.0)
     cfg = CircuitConfig("continuous_sparsification", hp, ("attn.W_O",), l0_lambda=0.05)
-    breaker, _ = find_subnetwork(model, cfg, train, _second_half_loss, steps=80, epochs=8, lr=0.1, maximize=True,
+    breaker, _ = find_subnetwork(model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, maximize=True,
                                  progress=False)
     try:
         with torch.no_grad():
             removed_heads = breaker.kept_heads()
-            broken = float(_second_half_loss(breaker(test), test))
+            broken = float(second_half_loss(breaker(test), test))
     finally:
         breaker.detach()
     assert 1 <= len(removed_heads) <= 2 and broken > 0.8 * math.log(64)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minterp_tl.cli import CIRCUIT_TRAIN_LENGTHS, IOI_CLEAN, IOI_CORRUPTED, main, second_half_loss
+from minterp_tl.cli import CIRCUIT_TRAIN_LENGTHS, IOI_CLEAN, IOI_CORRUPTED, main
+from minterp_tl.models import second_half_loss
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROMPT = "The capital of France is"
