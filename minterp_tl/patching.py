@@ -34,12 +34,9 @@ Also here:
 
 from __future__ import annotations
 
-import copy
 import itertools
-import weakref
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -51,7 +48,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import ActivationCache
-from transformer_lens import patching as _tl
 from transformer_lens.patching import (
     PatchingResult,
     layer_head_dest_src_pos_pattern_patch_setter,
@@ -64,8 +60,9 @@ from transformer_lens.patching import (
 )
 from transformer_lens.utilities import get_act_name
 
-from minterp_tl.names import resolve_name
 from minterp_tl._files import save_png
+from minterp_tl.fast_path import CorruptedRun, FastPathStatus, check, last_status
+from minterp_tl.names import resolve_name
 from minterp_tl.specs import SpecLike, resolve
 from minterp_tl.state import hook_layout
 
@@ -147,64 +144,7 @@ class _Patch:
     first_pos: int
 
 
-_SKIP_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
-
-
-@contextmanager
-def _skip_blocks(model: Any, n: int) -> Iterator[None]:
-    """Make blocks ``0..n-1`` return their input unchanged (their output is discarded anyway when
-    ``start_at_layer=n`` swaps the residual in at block ``n``)."""
-    skipped = []
-    try:
-        for block in list(model.blocks)[:n]:
-            inner = block.original_component
-            inner.forward = _identity
-            skipped.append(inner)
-        yield
-    finally:
-        for inner in skipped:
-            del inner.forward
-
-
-def _identity(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    return hidden_states
-
-
-class _Corrupted:
-    """The corrupted run, cached once: logits, the residual entering every block, the activations
-    of the patched hooks, and (when the model supports it) its key/value cache."""
-
-    def __init__(self, model: Any, tokens: Tensor, names: set[str]) -> None:
-        n = model.cfg.n_layers
-        wanted = names | {f"blocks.{l}.hook_resid_pre" for l in range(n)}
-        self.acts: dict[str, Tensor] = {}
-
-        def keep(name: str):
-            def hook(act: Tensor, hook: Any = None) -> None:
-                self.acts[name] = act.detach()
-
-            return hook
-
-        hooks = [(name, keep(name)) for name in wanted if name in model.hook_dict]
-        with torch.no_grad():
-            try:  # one forward gives the activations and the key/value cache
-                with model.hooks(fwd_hooks=hooks):
-                    self.logits, self.kv = model(tokens, return_type="logits_and_cache")
-            except Exception:  # noqa: BLE001 - no KV cache: positions are not skipped
-                self.acts.clear()
-                self.kv = None
-                with model.hooks(fwd_hooks=hooks):
-                    self.logits = model(tokens)
-
-    def past(self, p0: int, copies: int) -> Any:
-        """The key/value cache of positions ``0..p0-1``, repeated for ``copies`` copies of the batch."""
-        past = copy.deepcopy(self.kv)
-        past.crop(p0 - past.get_seq_length())
-        past.batch_repeat_interleave(copies)
-        return past
-
-
-def _is_noop(patch: _Patch, corrupted: _Corrupted) -> bool:
+def _is_noop(patch: _Patch, corrupted: CorruptedRun) -> bool:
     """Whether ``patch`` leaves the corrupted activation exactly (bit for bit) as it is."""
     act = corrupted.acts.get(patch.name)
     if act is None:
@@ -213,55 +153,22 @@ def _is_noop(patch: _Patch, corrupted: _Corrupted) -> bool:
     return isinstance(out, Tensor) and out.shape == act.shape and torch.equal(out, act)
 
 
-def _forward(
-    model: Any, corrupted: _Corrupted, tokens: Tensor, copies: int, l0: int, p0: int, hooks: list,
-    last_only: bool = False,
-) -> Tensor:
-    """Logits ``[copies * batch, pos - p0, d_vocab]`` of ``copies`` copies of the corrupted batch with
-    ``hooks``, starting at block ``l0`` and position ``p0`` (``l0 = p0 = 0``: a plain forward);
-    ``last_only``: only the last position's logits (``[copies * batch, 1, d_vocab]``)."""
-    extra = {"logits_to_keep": 1} if last_only else {}
-    with torch.no_grad():
-        if l0 == 0 and p0 == 0:
-            return model.run_with_hooks(tokens.repeat(copies, 1), fwd_hooks=hooks, **extra)
-        resid = corrupted.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(copies, 1, 1)
-        past = corrupted.past(p0, copies) if p0 > 0 else None
-        with _skip_blocks(model, l0):
-            return model.run_with_hooks(resid, fwd_hooks=hooks, start_at_layer=l0, past_key_values=past, **extra)
-
-
-def _can_skip(model: Any, corrupted: _Corrupted, tokens: Tensor) -> bool:
-    """Whether starting at a block / position reproduces the plain corrupted run on this model
-    (checked once per model, on the first call)."""
-    if model in _SKIP_OK:
-        return _SKIP_OK[model]
-    ok = False
-    n_pos, n = tokens.shape[1], model.cfg.n_layers
-    if corrupted.kv is not None and n_pos > 1 and hasattr(model, "blocks"):
-        try:
-            l0, p0 = n // 2, n_pos // 2
-            out = _forward(model, corrupted, tokens, 1, l0, p0, [])
-            last = _forward(model, corrupted, tokens, 1, l0, p0, [], last_only=True)
-            ok = bool((out - corrupted.logits[:, p0:]).abs().max() <= 1e-4) and last.shape[1] == 1
-            ok = ok and bool((last[:, -1] - corrupted.logits[:, -1]).abs().max() <= 1e-4)
-        except Exception:  # noqa: BLE001 - any failure means: run full forwards
-            ok = False
-    _SKIP_OK[model] = ok
-    return ok
-
-
 _FORWARD_OVERHEAD = 4.0
 """The fixed cost of one forward pass, in sequence-forwards (measured on SmolLM2, 2 CPU threads: a
 batch-1 forward costs about as much as 4 sequences of a batch-64 one)."""
 
 
-def _tiles(patches: Sequence[_Patch], per_forward: int, n_layers: int, n_pos: int) -> list[list[int]]:
+def _tiles(
+    patches: Sequence[_Patch], per_forward: int, n_layers: int, n_pos: int, *, layers: bool, positions: bool
+) -> list[list[int]]:
     """Group patches into chunks of at most ``per_forward`` copies that share a high start layer and
     start position: tiles of the (layer, first position) plane, of the shape that minimises the modelled
-    cost ``sum over chunks of (overhead + sum over members of (n_layers - l0) (n_pos - p0) / (n_layers n_pos))``."""
+    cost ``sum over chunks of (overhead + sum over members of (n_layers - l0) (n_pos - p0) / (n_layers n_pos))``.
+    A start that is off (``layers`` / ``positions`` false) counts as 0 for every patch."""
+    keys = [(p.layer if layers else 0, p.first_pos if positions else 0) for p in patches]
     counts: dict[tuple[int, int], int] = defaultdict(int)
-    for p in patches:
-        counts[(p.layer, p.first_pos)] += 1
+    for key in keys:
+        counts[key] += 1
 
     def cost(tile_l: int, tile_p: int) -> float:
         tiles: dict[tuple[int, int], int] = defaultdict(int)
@@ -276,15 +183,22 @@ def _tiles(patches: Sequence[_Patch], per_forward: int, n_layers: int, n_pos: in
     sizes_l = sorted({max(1, n_layers // d) for d in range(1, n_layers + 1)})
     sizes_p = sorted({max(1, n_pos // d) for d in range(1, n_pos + 1)})
     tile_l, tile_p = min(((a, b) for a in sizes_l for b in sizes_p), key=lambda ab: cost(*ab))
-    order = sorted(range(len(patches)), key=lambda i: (patches[i].layer, patches[i].first_pos))
+    order = sorted(range(len(patches)), key=lambda i: keys[i])
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in order:
-        groups[(patches[i].layer // tile_l, patches[i].first_pos // tile_p)].append(i)
+        groups[(keys[i][0] // tile_l, keys[i][1] // tile_p)].append(i)
     chunks = []
     for key in sorted(groups):
         members = groups[key]
         chunks += [members[j : j + per_forward] for j in range(0, len(members), per_forward)]
     return chunks
+
+
+def _forward(
+    run: CorruptedRun, copies: int, l0: int, p0: int, hooks: list, last_only: bool = False
+) -> Float[Tensor, "rows pos d_vocab"]:
+    """One chunk's forward (:meth:`CorruptedRun.forward`); the one place chunks run, so tests can count."""
+    return run.forward(copies, l0, p0, hooks, last_only)
 
 
 def _run_patched(
@@ -296,7 +210,6 @@ def _run_patched(
     max_batch: Optional[int],
     memory_budget: Optional[int],
     progress: bool,
-    skip: bool = True,
     last_only: bool = False,
     skip_noops: bool = True,
 ) -> None:
@@ -308,7 +221,7 @@ def _run_patched(
 
     Each patched copy of the corrupted batch is patched by its own setter, called as TL's patch
     setters are: ``setter(corrupted_activation, index, clean_activation)`` on the copy's own
-    ``[batch, ...]`` slice. With ``skip`` (and a model where it is exact, see :func:`_can_skip`), a
+    ``[batch, ...]`` slice. Where this call's check finds it exact (:func:`minterp_tl.fast_path.check`), a
     chunk starts at its lowest patched block, from the corrupted run's residual there, and at its
     lowest first-affected position, from the corrupted run's key/value cache: what a patch cannot
     change is not recomputed. The hooks then see only positions ``p0..``; each setter still gets the
@@ -320,21 +233,20 @@ def _run_patched(
     b, n_pos = corrupted_tokens.shape
     n_layers = model.cfg.n_layers
     per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
-    corrupted = _Corrupted(model, corrupted_tokens, {p.name for p in patches})
+    corrupted = CorruptedRun(model, corrupted_tokens, {p.name for p in patches})
     todo = []
     for i, patch in enumerate(patches):
         if skip_noops and _is_noop(patch, corrupted):
             on_logits(i, corrupted.logits)  # the patched run *is* the corrupted run
         else:
             todo.append(i)
-    skip = skip and bool(todo) and _can_skip(model, corrupted, corrupted_tokens)
-    last_only = last_only and skip
-    chunks = [[todo[j] for j in chunk] for chunk in _tiles([patches[i] for i in todo], per_forward, n_layers, n_pos)] if skip else [
-        todo[i : i + per_forward] for i in range(0, len(todo), per_forward)
-    ]
+    status = check(model, corrupted) if todo else FastPathStatus(False, False, False, "no patch needed a forward")
+    last_only = last_only and status.last_only
+    chunks = [[todo[j] for j in chunk] for chunk in _tiles(
+        [patches[i] for i in todo], per_forward, n_layers, n_pos, layers=status.layers, positions=status.positions)]
     for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
-        l0 = min(patches[i].layer for i in chunk) if skip else 0
-        p0 = min(patches[i].first_pos for i in chunk) if skip else 0
+        l0 = min(patches[i].layer for i in chunk) if status.layers else 0
+        p0 = min(patches[i].first_pos for i in chunk) if status.positions else 0
         by_name: dict[str, list[tuple[int, _Patch]]] = defaultdict(list)
         for c, i in enumerate(chunk):
             by_name[patches[i].name].append((c, patches[i]))
@@ -360,7 +272,7 @@ def _run_patched(
             return hook
 
         hooks = [(n, make_hook(n, items)) for n, items in by_name.items()]
-        logits = _forward(model, corrupted, corrupted_tokens, len(chunk), l0, p0, hooks, last_only)
+        logits = _forward(corrupted, len(chunk), l0, p0, hooks, last_only)
         for c, i in enumerate(chunk):
             out = logits[c * b : (c + 1) * b]
             if p0 > 0 and not last_only:
@@ -576,6 +488,62 @@ _HEAD_BY_POS = (get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by
                 get_act_patch_attn_head_pattern_by_pos)
 
 
+_HEAD_TYPES = ("out", "q", "k", "v", "pattern")
+_BLOCK_TYPES = ("resid_pre", "attn_out", "mlp_out")
+_RESULT_AXIS_RENAMES = {"head_index": "head", "dest_pos": "pos"}
+
+
+def _run_sweeps(
+    sweeps: Sequence[Callable], axes: Sequence[tuple[str, ...]], model: Any, corrupted_tokens: Tensor,
+    clean_cache: ActivationCache, metric: Any, kwargs: dict[str, Any],
+) -> list[Union[Tensor, PatchingResult]]:
+    """Run the sweeps of an ``_every`` helper; a requested baseline is computed once (by the first)."""
+    kwargs = dict(kwargs)
+    baseline = bool(kwargs.pop("baseline", False))
+    results: list[Union[Tensor, PatchingResult]] = []
+    for i, (sweep, names) in enumerate(zip(sweeps, axes)):
+        out = sweep(model, corrupted_tokens, clean_cache, metric, baseline=baseline and i == 0, **kwargs)
+        if baseline and isinstance(out, Tensor):  # later sweeps return plain tensors: give them the result form
+            out = PatchingResult(values=out, axis_names=list(names),
+                                 index_df=make_df_from_ranges(list(out.shape), list(names)),
+                                 metric_names=["metric"], reduced=True)
+        results.append(out)
+    return results
+
+
+def _stack_results(
+    results: Sequence[PatchingResult], axis_order: Sequence[str], n_heads: int, type_names: Sequence[str]
+) -> PatchingResult:
+    """Stack ``PatchingResult`` sweeps on a leading ``patch_type`` axis, as TransformerLens's ``_every``
+    helpers do: each sweep's axes permuted to ``axis_order`` (``head_index`` / ``dest_pos`` read as
+    ``head`` / ``pos``), GQA ``k`` / ``v`` head axes zero-padded to ``n_heads``, the metric axis first and
+    the batch axis last; ``index_df`` one row per cell of the stacked values."""
+    first = results[0]
+    for r in results[1:]:
+        if r.metric_names != first.metric_names or r.reduced != first.reduced:
+            raise ValueError("every sweep must use the same metrics and reduce mode to be stacked")
+    lead = 1 if first.has_metric_axis else 0
+    head_axis = list(axis_order).index("head") if "head" in axis_order else None
+    values = []
+    for r in results:
+        names = [_RESULT_AXIS_RENAMES.get(n, n) for n in r.axis_names]
+        perm = list(range(lead)) + [lead + names.index(n) for n in axis_order]
+        v = r.values.permute(*perm, *range(lead + len(names), r.values.ndim))
+        if head_axis is not None and v.shape[lead + head_axis] < n_heads:
+            pad = list(v.shape)
+            pad[lead + head_axis] = n_heads - v.shape[lead + head_axis]
+            v = torch.cat([v, v.new_zeros(pad)], dim=lead + head_axis)
+        values.append(v)
+    stacked = torch.stack(values, dim=lead)
+    cells = list(stacked.shape[lead : lead + 1 + len(axis_order)])
+    return PatchingResult(
+        values=stacked, axis_names=["patch_type", *axis_order],
+        index_df=make_df_from_ranges(cells, ["patch_type", *axis_order]), metric_names=list(first.metric_names),
+        reduced=first.reduced, baseline=first.baseline, has_metric_axis=first.has_metric_axis,
+        patch_type_names=list(type_names),
+    )
+
+
 def _pad_heads(tensors: list[Tensor], n_heads: int) -> list[Tensor]:
     """Zero-pad GQA ``k`` / ``v`` sweeps (indices 2 and 3) to ``n_heads`` on the last axis, as TL does."""
     for i in (2, 3):
@@ -583,38 +551,74 @@ def _pad_heads(tensors: list[Tensor], n_heads: int) -> list[Tensor]:
     return tensors
 
 
-def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """Every head (all positions at once) for out, q, k, v, pattern: ``[5, n_layers, n_heads]``
-    (drop-in for TL's function of the same name; ``k`` / ``v`` zero-padded for GQA)."""
-    results = _tl._run_sweeps(_HEAD_ALL_POS, (("layer", "head"),) * 4 + (("layer", "head_index"),),
-                              model, corrupted_tokens, clean_cache, metric, kwargs)
+def _stack_every(results: list, axis_order: tuple[str, ...], n_heads: int, type_names: tuple[str, ...]):
     if all(isinstance(r, Tensor) for r in results):
-        return torch.stack(_pad_heads(list(results), results[0].size(-1)), dim=0)
-    return _tl._stack_patch_types(results, axis_order=("layer", "head"), n_heads=model.cfg.n_heads,
-                                  type_names=_tl._HEAD_TYPES)
+        return results  # the caller pads / rearranges and stacks
+    if not all(isinstance(r, PatchingResult) for r in results):
+        raise TypeError("cannot stack tensor and PatchingResult sweeps together")
+    return _stack_results(results, axis_order, n_heads, type_names)
 
 
-def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """Every head by position for out, q, k, v, pattern: ``[5, n_layers, pos, n_heads]`` (drop-in for
-    TL's function of the same name)."""
-    results = _tl._run_sweeps(_HEAD_BY_POS, (("layer", "pos", "head"),) * 4 + (("layer", "head_index", "dest_pos"),),
-                              model, corrupted_tokens, clean_cache, metric, kwargs)
-    if all(isinstance(r, Tensor) for r in results):
-        tensors = _pad_heads(list(results), results[0].size(-1))
-        tensors[4] = einops.rearrange(tensors[4], "layer head pos -> layer pos head")
-        return torch.stack(tensors, dim=0)
-    return _tl._stack_patch_types(results, axis_order=("layer", "pos", "head"), n_heads=model.cfg.n_heads,
-                                  type_names=_tl._HEAD_TYPES)
+def get_act_patch_attn_head_all_pos_every(
+    model: Any, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache: ActivationCache, metric: Any, **kwargs: Any
+) -> Union[Float[Tensor, "5 layer head"], PatchingResult]:
+    """Every head (all positions at once) for out, q, k, v, pattern: ``[5, n_layers, n_heads]``, or a
+    ``PatchingResult`` with a leading ``patch_type`` axis under ``reduce=`` / ``baseline=`` / a metric
+    mapping (drop-in for TL's function of the same name; ``k`` / ``v`` zero-padded for GQA)."""
+    results = _run_sweeps(_HEAD_ALL_POS, (("layer", "head"),) * 4 + (("layer", "head_index"),),
+                          model, corrupted_tokens, clean_cache, metric, kwargs)
+    out = _stack_every(results, ("layer", "head"), model.cfg.n_heads, _HEAD_TYPES)
+    if isinstance(out, PatchingResult):
+        return out
+    return torch.stack(_pad_heads(list(out), model.cfg.n_heads), dim=0)
 
 
-def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """resid_pre, attn_out and mlp_out by layer and position: ``[3, n_layers, pos]`` (drop-in for TL's
-    function of the same name)."""
-    results = _tl._run_sweeps((get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out),
-                              (("layer", "pos"),) * 3, model, corrupted_tokens, clean_cache, metric, kwargs)
-    if all(isinstance(r, Tensor) for r in results):
-        return torch.stack(list(results), dim=0)
-    return _tl._stack_patch_types(results, axis_order=("layer", "pos"), n_heads=0, type_names=_tl._BLOCK_TYPES)
+def get_act_patch_attn_head_by_pos_every(
+    model: Any, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache: ActivationCache, metric: Any, **kwargs: Any
+) -> Union[Float[Tensor, "5 layer pos head"], PatchingResult]:
+    """Every head by position for out, q, k, v, pattern: ``[5, n_layers, pos, n_heads]``, or a
+    ``PatchingResult`` as in :func:`get_act_patch_attn_head_all_pos_every` (drop-in for TL's function of
+    the same name)."""
+    results = _run_sweeps(_HEAD_BY_POS, (("layer", "pos", "head"),) * 4 + (("layer", "head_index", "dest_pos"),),
+                          model, corrupted_tokens, clean_cache, metric, kwargs)
+    out = _stack_every(results, ("layer", "pos", "head"), model.cfg.n_heads, _HEAD_TYPES)
+    if isinstance(out, PatchingResult):
+        return out
+    tensors = _pad_heads(list(out), model.cfg.n_heads)
+    tensors[4] = einops.rearrange(tensors[4], "layer head pos -> layer pos head")
+    return torch.stack(tensors, dim=0)
+
+
+def get_act_patch_block_every(
+    model: Any, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache: ActivationCache, metric: Any, **kwargs: Any
+) -> Union[Float[Tensor, "3 layer pos"], PatchingResult]:
+    """resid_pre, attn_out and mlp_out by layer and position: ``[3, n_layers, pos]``, or a
+    ``PatchingResult`` with a leading ``patch_type`` axis (drop-in for TL's function of the same name)."""
+    results = _run_sweeps((get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out),
+                          (("layer", "pos"),) * 3, model, corrupted_tokens, clean_cache, metric, kwargs)
+    out = _stack_every(results, ("layer", "pos"), 0, _BLOCK_TYPES)
+    return out if isinstance(out, PatchingResult) else torch.stack(list(out), dim=0)
+
+
+def fast_path_status(
+    model: Any, corrupted_tokens: Optional[Int[Tensor, "batch pos"]] = None
+) -> Optional[FastPathStatus]:
+    """How patching runs on ``model``: which starts of the fast path are on, and why a part is off.
+
+    Args:
+        model: The model.
+        corrupted_tokens: ``[batch, pos]``: decide for a call on these tokens (runs the corrupted forward
+            and the check). ``None``: the decision of the model's most recent patching call (``None``
+            if there was none).
+
+    Returns:
+        A :class:`~minterp_tl.fast_path.FastPathStatus` (``layers``, ``positions``, ``last_only``,
+        ``reason``). The decision is made per call: a prompt longer than a sliding attention window turns
+        the position start off for that call only.
+    """
+    if corrupted_tokens is None:
+        return last_status(model)
+    return check(model, CorruptedRun(model, corrupted_tokens, set()), warn=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from transformer_lens import patching as tl_patching
 
 from minterp_tl import patching
+from minterp_tl.fast_path import FastPathStatus
 
 TOL = 1e-4
 
@@ -180,7 +181,7 @@ def test_smollm2_skipping_path_equals_transformer_lens(smollm2, act, setter, axe
     ours = patching.generic_activation_patch(smollm2, corrupted, cache, metric, setter, act, index_df=df,
                                              progress=False, max_batch=4)
     ref = tl_patching.generic_activation_patch(smollm2, corrupted, cache, metric, setter, act, index_df=df)
-    assert patching._SKIP_OK.get(smollm2) is True
+    assert patching.fast_path_status(smollm2) == FastPathStatus(layers=True, positions=True, last_only=True)
     assert (ours - ref).abs().max() <= TOL
     assert ref.abs().max() > 0.1
 
@@ -198,9 +199,9 @@ def test_unchanged_patches_run_no_forward_and_match_transformer_lens(toys, monke
     copies = []
     real_forward = patching._forward
 
-    def counting_forward(model, corrupted, tokens, n, *args, **kwargs):
+    def counting_forward(run, n, *args, **kwargs):
         copies.append(n)
-        return real_forward(model, corrupted, tokens, n, *args, **kwargs)
+        return real_forward(run, n, *args, **kwargs)
 
     monkeypatch.setattr(patching, "_forward", counting_forward)
     ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False, max_batch=64)

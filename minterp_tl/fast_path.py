@@ -1,0 +1,302 @@
+"""The fast path of batched patching: resuming a forward pass from the corrupted run.
+
+A patch at block ``l`` and position ``p`` cannot change the residual below block ``l``, nor (causal
+attention) anything before position ``p``. So a chunk of patched copies need not recompute those: it
+can start at its lowest patched block from the corrupted run's residual there (the *layer* start), and
+at its lowest patched position from the corrupted run's keys and values of the earlier positions (the
+*position* start). This module holds the corrupted run, the resumed forward, and the check that decides
+per call which of the two starts reproduce the plain corrupted run on this model::
+
+    run = CorruptedRun(model, corrupted_tokens, names={"blocks.3.hook_resid_pre"})
+    status = check(model, run)                 # FastPathStatus(layers=True, positions=True, ...)
+    logits = run.forward(copies=8, l0=3, p0=5, hooks=[...])   # [8 * batch, pos - 5, d_vocab]
+
+The key/value cache is ours: a ``transformers.DynamicCache`` we hand to the model and read back, never
+the cache the bridge returns (TransformerLens 4.3 returns an empty one on transformers >= 5.24, see
+:func:`_cache_kwarg_shim`). Nothing here changes values: :func:`check` compares the resumed forward with
+the plain corrupted run's logits on the call's own tokens, and turns a start off (with a warning that
+says why, once per model and reason) when it does not agree to ``1e-4``.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+TOLERANCE = 1e-4
+"""How close (max abs logit difference) a resumed forward must be to the plain corrupted run."""
+
+
+@dataclass(frozen=True)
+class FastPathStatus:
+    """Which parts of the fast path a patching call used on a model, and why a part was off.
+
+    Attributes:
+        layers: Chunks start at their lowest patched block, from the corrupted run's residual.
+        positions: Chunks also start at their lowest patched position, from the corrupted run's
+            key/value cache.
+        last_only: Metrics that read only the last position get only its logits (``logits_to_keep=1``).
+        reason: Why a part is off (``None`` when all three are on).
+    """
+
+    layers: bool
+    positions: bool
+    last_only: bool
+    reason: Optional[str] = None
+
+
+_LAST: "weakref.WeakKeyDictionary[Any, FastPathStatus]" = weakref.WeakKeyDictionary()
+_WARNED: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def last_status(model: Any) -> Optional[FastPathStatus]:
+    """The fast-path decision of ``model``'s most recent patching call (``None`` before the first)."""
+    return _LAST.get(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compatibility: the key/value cache's keyword
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _cache_kwarg_shim(model: Any) -> Iterator[None]:
+    """Hand each attention bridge the key/value cache under the keyword it reads.
+
+    transformers 5.24 renamed the cache argument of its attention layers from ``past_key_values`` to
+    ``cache``; TransformerLens 4.3's attention bridges read ``past_key_values`` (or ``layer_past``) and
+    so neither fill nor read a cache passed under the new name. While this context is open, a forward
+    pre-hook on every ``blocks.{l}.attn`` copies ``cache=`` to ``past_key_values=`` when only the former
+    is given. It changes nothing on transformers <= 5.23 (no ``cache=`` is passed) and is a no-op once
+    TransformerLens reads the new name; remove it then.
+    """
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            return args, {**kwargs, "past_key_values": kwargs["cache"]}
+        return None
+
+    handles = []
+    try:
+        for block in getattr(model, "blocks", []):
+            attn = getattr(block, "attn", None)
+            if isinstance(attn, torch.nn.Module):
+                handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _sliding_window(model: Any) -> Optional[int]:
+    """The model's attention window (Mistral, Gemma-2/3, Qwen2 with one), or ``None``."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True) is not False:
+        return window
+    window = getattr(getattr(model, "cfg", None), "window_size", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The corrupted run and the resumed forward
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _skip_blocks(model: Any, n: int, as_tuple: bool) -> Iterator[None]:
+    """Make blocks ``0..n-1`` return their input unchanged (as a 1-tuple when ``as_tuple``, the form a
+    block of this model returns): with ``start_at_layer=n`` the bridge swaps the given residual in at
+    block ``n`` and discards what the blocks below computed."""
+
+    def identity(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (hidden_states,) if as_tuple else hidden_states
+
+    skipped = []
+    try:
+        for block in list(model.blocks)[:n]:
+            inner = block.original_component
+            inner.forward = identity
+            skipped.append(inner)
+        yield
+    finally:
+        for inner in skipped:
+            del inner.forward
+
+
+class CorruptedRun:
+    """The corrupted run, computed once per patching call.
+
+    Attributes:
+        tokens: ``[batch, pos]`` corrupted tokens.
+        logits: ``[batch, pos, d_vocab]`` its logits.
+        acts: The activations of the requested hooks and ``blocks.{l}.hook_resid_pre`` of every block.
+        kv: Per layer, its keys and values ``[batch, kv_heads, pos, d_head]`` (``None`` when the model
+            has no key/value cache; ``kv_reason`` then says why).
+    """
+
+    def __init__(self, model: Any, tokens: Int[Tensor, "batch pos"], names: set[str]) -> None:
+        self.model, self.tokens = model, tokens
+        n_layers, n_pos = model.cfg.n_layers, tokens.shape[1]
+        wanted = names | {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)}
+        self.acts: dict[str, Tensor] = {}
+
+        def keep(name: str):
+            def hook(act: Tensor, hook: Any = None) -> None:
+                self.acts[name] = act.detach()
+
+            return hook
+
+        hooks = [(name, keep(name)) for name in wanted if name in model.hook_dict]
+        self.block_returns_tuple = False  # the form a block's own forward returns (native bridges: a 1-tuple)
+
+        def note_form(module: Any, args: Any, output: Any) -> None:
+            self.block_returns_tuple = isinstance(output, tuple)
+
+        self.kv: Optional[list[tuple[Tensor, Tensor]]] = None
+        self.kv_reason: Optional[str] = None
+        blocks = list(getattr(model, "blocks", []))
+        form = blocks[0].original_component.register_forward_hook(note_form) if blocks else None
+        try:
+            cache = self._run(hooks)
+        finally:
+            if form is not None:
+                form.remove()
+        if cache is not None:
+            layers = getattr(cache, "layers", None) or []
+            kv = [(layer.keys, layer.values) for layer in layers if getattr(layer, "keys", None) is not None]
+            if len(kv) == n_layers and all(k.shape[-2] == n_pos and k.shape[0] == tokens.shape[0] for k, _ in kv):
+                self.kv = [(k.detach(), v.detach()) for k, v in kv]
+            else:
+                self.kv_reason = (f"the model's attention layers left the key/value cache unfilled ({len(kv)} of "
+                                  f"{n_layers} layers hold keys)")
+
+    def _run(self, hooks: list) -> Any:
+        """The corrupted forward: sets ``logits`` and ``acts``, returns the filled key/value cache (or
+        ``None`` if the model takes none)."""
+        model = self.model
+        with torch.no_grad():
+            try:
+                cache = _new_cache()
+                with _cache_kwarg_shim(model), model.hooks(fwd_hooks=hooks):
+                    self.logits = model(self.tokens, past_key_values=cache)
+                return cache
+            except Exception as err:  # noqa: BLE001 - no key/value cache on this model: no position start
+                self.acts.clear()
+                self.kv_reason = f"the model takes no key/value cache ({type(err).__name__}: {_short(err)})"
+                with model.hooks(fwd_hooks=hooks):
+                    self.logits = model(self.tokens)
+                return None
+
+    def past(self, p0: int, copies: int) -> Any:
+        """A key/value cache of positions ``0..p0-1`` for ``copies`` copies of the batch, in the row order
+        of ``tokens.repeat(copies, 1)`` (copy ``c`` is rows ``c * batch .. (c + 1) * batch - 1``)."""
+        assert self.kv is not None
+        cache = _new_cache()
+        for layer, (k, v) in enumerate(self.kv):
+            cache.update(k[..., :p0, :].repeat(copies, 1, 1, 1), v[..., :p0, :].repeat(copies, 1, 1, 1), layer)
+        return cache
+
+    def forward(
+        self, copies: int, l0: int, p0: int, hooks: Sequence[tuple[str, Any]], last_only: bool = False
+    ) -> Float[Tensor, "rows pos d_vocab"]:
+        """Logits ``[copies * batch, pos - p0, d_vocab]`` of ``copies`` copies of the corrupted batch run
+        with ``hooks``, starting at block ``l0`` (from the corrupted residual) and position ``p0`` (from
+        the corrupted keys and values); ``l0 = p0 = 0`` is a plain forward. ``last_only``: only the last
+        position's logits, ``[copies * batch, 1, d_vocab]``."""
+        model = self.model
+        extra = {"logits_to_keep": 1} if last_only else {}
+        with torch.no_grad():
+            if l0 == 0 and p0 == 0 and not last_only:
+                return model.run_with_hooks(self.tokens.repeat(copies, 1), fwd_hooks=list(hooks))
+            resid = self.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(copies, 1, 1)
+            past = self.past(p0, copies) if p0 > 0 else None
+            with _skip_blocks(model, l0, self.block_returns_tuple), _cache_kwarg_shim(model):
+                return model.run_with_hooks(resid, fwd_hooks=list(hooks), start_at_layer=l0, past_key_values=past, **extra)
+
+
+def _short(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-call decision
+# --------------------------------------------------------------------------------------------------
+
+
+def _agrees(run: CorruptedRun, l0: int, p0: int, last_only: bool = False) -> tuple[bool, str]:
+    """Whether the forward resumed at ``(l0, p0)`` gives the plain corrupted run's logits."""
+    try:
+        out = run.forward(1, l0, p0, [], last_only=last_only)
+    except Exception as err:  # noqa: BLE001 - any failure means: this start is off
+        return False, f"{type(err).__name__}: {_short(err)}"
+    want = run.logits[:, -1:] if last_only else run.logits[:, p0:]
+    if out.shape != want.shape:
+        return False, f"it gave logits of shape {tuple(out.shape)}, expected {tuple(want.shape)}"
+    err = float((out - want).abs().max())
+    return (err <= TOLERANCE, f"its logits differ from the plain run by {err:.2g} (> {TOLERANCE:g})")
+
+
+def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus:
+    """Decide, for this call's corrupted tokens, which starts reproduce the plain corrupted run.
+
+    Every start is tried once at the middle block (and the middle position) and compared with the
+    corrupted logits; a start that fails or disagrees is off for this call. Position starts are also off
+    when the model has no key/value cache, or when the prompt is longer than its sliding attention
+    window. With ``warn``, each reason is reported once per model with ``warnings.warn``. The decision
+    is recorded for :func:`last_status`.
+    """
+    n_layers, n_pos = model.cfg.n_layers, run.tokens.shape[1]
+    reasons: dict[str, str] = {}  # kind -> text; a kind is warned about once per model
+    l0 = n_layers // 2
+    layers, why = (False, "the model has no blocks stack") if not hasattr(model, "blocks") else _agrees(run, l0, 0)
+    if not layers:
+        reasons["layers"] = f"layer start off: resuming at block {l0} from the corrupted residual failed ({why})"
+    positions = False
+    window = _sliding_window(model)
+    if not layers or n_pos < 2:
+        pass
+    elif run.kv is None:
+        reasons["no-cache"] = f"position start off: {run.kv_reason}"
+    elif window is not None and n_pos > window:
+        reasons["window"] = (f"position start off for prompts longer than the sliding attention window of "
+                             f"{window} tokens (this one has {n_pos})")
+    else:
+        positions, why = _agrees(run, l0, n_pos // 2)
+        if not positions:
+            reasons["positions"] = (f"position start off: resuming at block {l0}, position {n_pos // 2} from "
+                                    f"the corrupted key/value cache failed ({why})")
+    last_only = False
+    if layers:
+        last_only, why = _agrees(run, l0, n_pos // 2 if positions else 0, last_only=True)
+        if not last_only:
+            reasons["last_only"] = f"last-position logits off: logits_to_keep=1 failed ({why})"
+    status = FastPathStatus(layers, positions, last_only, "; ".join(reasons.values()) or None)
+    _LAST[model] = status
+    if warn:
+        warned = _WARNED.setdefault(model, set())
+        name = getattr(model.cfg, "model_name", None) or type(model).__name__
+        for kind, text in reasons.items():
+            if kind not in warned:
+                warned.add(kind)
+                warnings.warn(f"minterp_tl.patching fast path on {name}: {text}. Values are unaffected; the "
+                              "sweep recomputes more. patching.fast_path_status(model) shows the decision.",
+                              RuntimeWarning, stacklevel=3)
+    return status
