@@ -4,7 +4,8 @@ Sweeps: ``resid_pre`` layer x pos and attention-head output (z) by position, on 
 SmolLM2-135M (a 15-token IOI prompt against two corruptions: one that differs at token 10, where
 every patch before it leaves the corrupted run unchanged and runs no forward, and one that differs from
 token 2 on, where nearly every patch runs). For each: time of TransformerLens's function and of ours,
-their ratio, max |difference| of the results, and throughput in patched forwards per second, next to
+their ratio, max |difference| of the results, which starts of the fast path were on
+(:func:`minterp_tl.patching.fast_path_status`), and throughput in patched forwards per second, next to
 plain batched forwards per second (``model(tokens.repeat(64, 1))``), the ceiling for any method that
 runs full forward passes.
 
@@ -57,6 +58,8 @@ def _bench(label, model, clean, corrupted, metric, sweep: str, setter, act, axes
     ours = ours_fn(model, corrupted, cache, metric, progress=False)
     t_ours = time.perf_counter() - t0
     n = ours.numel()
+    status = patching.fast_path_status(model)
+    path = "+".join(part for part in ("layers", "positions") if getattr(status, part)) or "off"
 
     if n <= tl_rows:
         t0 = time.perf_counter()
@@ -72,7 +75,7 @@ def _bench(label, model, clean, corrupted, metric, sweep: str, setter, act, axes
         idx = tuple(torch.tensor(df[a].values) for a in axes)
         diff = float((ours[idx] - ref).abs().max())
     return (f"{label:<10}{sweep.replace('get_act_patch_', ''):<24}{n:>7}{t_tl:>10.1f}{t_ours:>9.1f}"
-            f"{t_tl / t_ours:>8.1f}{diff:>10.1e}{n / t_tl:>9.1f}{n / t_ours:>9.1f}"), note
+            f"{t_tl / t_ours:>8.1f}{diff:>10.1e}{n / t_tl:>9.1f}{n / t_ours:>9.1f}  {path:<17}"), note
 
 
 def main() -> None:
@@ -110,8 +113,11 @@ def main() -> None:
             ]
         rows.append((model, clean, "SmolLM2", lines))
 
-    print(f"{torch.get_num_threads()} threads; times in s; rates in patched forwards/s")
-    print(f"{'model':<10}{'sweep':<24}{'patches':>7}{'TL':>10}{'ours':>9}{'x TL':>8}{'max|d|':>10}{'TL/s':>9}{'ours/s':>9}")
+    from importlib.metadata import version
+
+    print(f"{torch.get_num_threads()} threads; times in s; rates in patched forwards/s; torch {torch.__version__}, "
+          f"transformer-lens {version('transformer-lens')}, transformers {version('transformers')}")
+    print(f"{'model':<10}{'sweep':<24}{'patches':>7}{'TL':>10}{'ours':>9}{'x TL':>8}{'max|d|':>10}{'TL/s':>9}{'ours/s':>9}  {'fast path':<17}")
     for model, tokens, label, lines in rows:
         for line, note in lines:
             print(line + note)

@@ -43,7 +43,8 @@ class FastPathStatus:
         layers: Chunks start at their lowest patched block, from the corrupted run's residual.
         positions: Chunks also start at their lowest patched position, from the corrupted run's
             key/value cache.
-        last_only: Metrics that read only the last position get only its logits (``logits_to_keep=1``).
+        last_only: Metrics that read only the last position get only its logits (``logits_to_keep=1``:
+            on Hugging Face models only that position is unembedded).
         reason: Why a part is off (``None`` when all three are on).
     """
 
@@ -76,7 +77,9 @@ def _cache_kwarg_shim(model: Any) -> Iterator[None]:
     so neither fill nor read a cache passed under the new name. While this context is open, a forward
     pre-hook on every ``blocks.{l}.attn`` copies ``cache=`` to ``past_key_values=`` when only the former
     is given. It changes nothing on transformers <= 5.23 (no ``cache=`` is passed) and is a no-op once
-    TransformerLens reads the new name; remove it then.
+    TransformerLens reads the new name; remove it then. The bridge itself still passes the cache to the
+    Hugging Face model as ``past_key_values=``, which transformers 5.24 accepts with a ``FutureWarning``
+    per call; that warning is silenced inside this context only.
     """
 
     def hook(module: Any, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
@@ -90,7 +93,9 @@ def _cache_kwarg_shim(model: Any) -> Iterator[None]:
             attn = getattr(block, "attn", None)
             if isinstance(attn, torch.nn.Module):
                 handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+            yield
     finally:
         for handle in handles:
             handle.remove()
@@ -228,7 +233,8 @@ class CorruptedRun:
             resid = self.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(copies, 1, 1)
             past = self.past(p0, copies) if p0 > 0 else None
             with _skip_blocks(model, l0, self.block_returns_tuple), _cache_kwarg_shim(model):
-                return model.run_with_hooks(resid, fwd_hooks=list(hooks), start_at_layer=l0, past_key_values=past, **extra)
+                out = model.run_with_hooks(resid, fwd_hooks=list(hooks), start_at_layer=l0, past_key_values=past, **extra)
+        return out[:, -1:] if last_only else out  # native bridges ignore logits_to_keep
 
 
 def _short(err: BaseException, limit: int = 160) -> str:

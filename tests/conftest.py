@@ -43,3 +43,22 @@ def induction_model():
 def one_layer_control():
     """A 1-layer attention-only model trained the same way: it cannot learn induction."""
     return train_induction_model(1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory):
+    """``hf_model(family)``: a tiny random Hugging Face model of ``family`` (see ``tests/hf_families.py``),
+    saved with its own offline-trained tokenizer and loaded with ``load_model(folder)``; built once."""
+    from hf_families import FAMILIES, build
+
+    built: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; valid: {sorted(FAMILIES)}")
+        if family not in built:
+            folder = build(family, tmp_path_factory.mktemp(f"hf-{family}"))
+            built[family] = load_model(str(folder), progress=False)
+        return built[family]
+
+    return get

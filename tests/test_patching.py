@@ -217,3 +217,65 @@ def test_unchanged_patches_run_no_forward_and_match_transformer_lens(toys, monke
     baseline = metric(model(corrupted))
     assert torch.allclose(ours[:, :4], baseline.expand(n_layers, 4, n_heads), atol=1e-6)
     assert (ours[:, 4:] - baseline).abs().max() > 1e-3  # the patches after the difference do something
+
+
+# TransformerLens functions minterp_tl.patching does not have yet, each with the issue that adds it.
+KNOWN_GAPS = {
+    "get_act_patch_direct_path": "edge-level circuits issue: exact direct-path (edge) patching",
+    "get_act_patch_direct_path_all_sources": "edge-level circuits issue: exact direct-path (edge) patching",
+}
+
+
+def _public(module) -> dict:
+    """Public functions, classes and partials defined in ``module`` itself."""
+    import functools
+
+    out = {}
+    for name, obj in vars(module).items():
+        base = obj.func if isinstance(obj, functools.partial) else obj
+        if not name.startswith("_") and callable(base) and getattr(base, "__module__", None) == module.__name__:
+            out[name] = obj
+    return out
+
+
+def test_public_surface_matches_transformer_lens() -> None:
+    """Every public function of transformer_lens.patching exists here with the same parameters (names,
+    order, kinds and defaults), ours adding keyword-only ones after them; a TransformerLens release that
+    adds or changes one fails here."""
+    import inspect
+
+    theirs = _public(tl_patching)
+    missing = {name for name in theirs if not hasattr(patching, name)}
+    assert missing == set(KNOWN_GAPS), f"missing: {sorted(missing - set(KNOWN_GAPS))}, now present: {sorted(set(KNOWN_GAPS) - missing)}"
+    for name, fn in theirs.items():
+        if name in KNOWN_GAPS:
+            continue
+        tl_params = list(inspect.signature(fn).parameters.values())
+        our_params = list(inspect.signature(getattr(patching, name)).parameters.values())
+        assert [(p.name, p.kind) for p in tl_params] == [(p.name, p.kind) for p in our_params[: len(tl_params)]], name
+        for t, o in zip(tl_params, our_params):
+            if t.default is not inspect.Parameter.empty:
+                assert o.default == t.default or (callable(t.default) and o.default is t.default), (name, t.name)
+        extra = our_params[len(tl_params):]
+        assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in extra), (name, [p.name for p in extra])
+
+
+def test_every_helpers_with_result_forms_equal_transformer_lens(toys) -> None:
+    """The ``_every`` helpers under ``baseline=`` / ``reduce="none"`` stack PatchingResults as TL does
+    (GQA k / v padded to n_heads)."""
+    model = toys["gqa"]
+    clean, corrupted = _pair(model, 5, batch=2, pos=5)
+    clean_logits, cache = model.run_with_cache(clean)
+    per_example = patching.logit_diff_metric(clean_logits[:, -1].argmax(-1), 0, reduce="none")
+    for fn, kwargs in (("get_act_patch_block_every", {"baseline": True, "reduce": "mean"}),
+                       ("get_act_patch_attn_head_all_pos_every", {"reduce": "none"}),
+                       ("get_act_patch_attn_head_by_pos_every", {"reduce": "none", "baseline": True})):
+        ours = getattr(patching, fn)(model, corrupted, cache, per_example, progress=False, **kwargs)
+        ref = getattr(tl_patching, fn)(model, corrupted, cache, per_example, **kwargs)
+        assert isinstance(ours, tl_patching.PatchingResult), fn
+        assert ours.axis_names == ref.axis_names and ours.patch_type_names == ref.patch_type_names
+        assert ours.values.shape == ref.values.shape and (ours.values - ref.values).abs().max() <= TOL, fn
+        assert ours.index_df.equals(ref.index_df) and ours.reduced == ref.reduced
+        assert (ours.baseline is None) == (ref.baseline is None)
+        if ref.baseline is not None:
+            assert (ours.baseline - ref.baseline).abs().max() <= TOL

@@ -1,0 +1,178 @@
+"""The fast path of batched patching (minterp_tl.fast_path), on tiny random Hugging Face models of several
+families and on the native toys, against TransformerLens's own patching functions and hand-written hooks."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import pytest
+import torch
+import transformers
+from transformer_lens import patching as tl_patching
+
+from minterp_tl import fast_path, patching
+from minterp_tl.fast_path import CorruptedRun, FastPathStatus
+
+TOL = 1e-4
+FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral"]
+
+
+def _pair(model, batch: int, pos: int, differ_at: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(3, model.cfg.d_vocab, (batch, pos), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, differ_at:] = torch.randint(3, model.cfg.d_vocab, (batch, pos - differ_at), generator=gen)
+    return clean, corrupted
+
+
+def _metric(clean_logits):
+    target = clean_logits[:, -1].argmax(-1)
+    return patching.logit_diff_metric(target, (target + 1) % clean_logits.shape[-1])
+
+
+def _counting(monkeypatch) -> list[tuple[int, int, int]]:
+    """Record (copies, l0, p0) of every chunk's forward."""
+    seen: list[tuple[int, int, int]] = []
+    real = patching._forward
+
+    def forward(run, copies, l0, p0, *args, **kwargs):
+        seen.append((copies, l0, p0))
+        return real(run, copies, l0, p0, *args, **kwargs)
+
+    monkeypatch.setattr(patching, "_forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_path_is_on_and_exact_on_hf_families(hf_model, family, monkeypatch) -> None:
+    """Chunks start at their lowest patched block and position on every family (the prompt fits Mistral's
+    window), with the transformers installed; two corrupted prompts per copy, several copies per forward."""
+    model = hf_model(family)
+    clean, corrupted = _pair(model, batch=2, pos=6)
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+    assert patching.fast_path_status(model, corrupted) == FastPathStatus(True, True, True), transformers.__version__
+    seen = _counting(monkeypatch)
+    for fn in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_head_k_by_pos"):
+        ref = getattr(tl_patching, fn)(model, corrupted, cache, metric)
+        assert ref.abs().max() > 1e-3
+        for max_batch in (2, 4, 8, None):  # 1, 2, 4 copies per forward and the default
+            seen.clear()
+            ours = getattr(patching, fn)(model, corrupted, cache, metric, progress=False, max_batch=max_batch)
+            assert ours.shape == ref.shape
+            assert (ours - ref).abs().max() <= TOL, (fn, max_batch)
+            assert any(p0 > 0 for _, _, p0 in seen)  # the fast path ran
+            if max_batch == 2:  # one copy per forward: each starts at its own block and position
+                assert any(l0 > 0 and p0 > 0 for _, l0, p0 in seen)
+    assert patching.fast_path_status(model) == FastPathStatus(True, True, True)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_batched_prompts_equal_hand_written_hooks(hf_model, family) -> None:
+    """Two corrupted prompts, four copies per forward: a cell equals a hand-written ``run_with_hooks`` patch
+    (the cache's rows must be in the residual's order, copy-major)."""
+    model = hf_model(family)
+    clean, corrupted = _pair(model, batch=2, pos=8)
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+    ours = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False, max_batch=8)
+
+    def put_clean(act, hook):
+        act = act.clone()
+        act[:, 5] = cache["blocks.1.hook_resid_pre"][:, 5]
+        return act
+
+    with torch.no_grad():
+        by_hand = metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", put_clean)]))
+    assert abs(float(ours[1, 5] - by_hand)) <= TOL and abs(float(by_hand - metric(model(corrupted).detach()))) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_our_key_value_cache_holds_the_models_keys(hf_model, family) -> None:
+    """The cache we fill (through the keyword shim on transformers >= 5.24) holds, per layer, the keys
+    the attention computed: ``hook_rot_k`` (rotary) or ``hook_k``, as ``[batch, kv_heads, pos, d_head]``."""
+    model = hf_model(family)
+    _, corrupted = _pair(model, batch=2, pos=6)
+    run = CorruptedRun(model, corrupted, set())
+    assert run.kv is not None, run.kv_reason
+    _, cache = model.run_with_cache(corrupted)
+    for layer, (keys, values) in enumerate(run.kv):
+        name = f"blocks.{layer}.attn.hook_rot_k"
+        name = name if name in cache.cache_dict else f"blocks.{layer}.attn.hook_k"
+        assert torch.allclose(keys.transpose(1, 2), cache[name], atol=1e-5)
+        assert torch.allclose(values.transpose(1, 2), cache[f"blocks.{layer}.attn.hook_v"], atol=1e-5)
+    past = run.past(3, copies=2)  # positions 0..2, copy-major rows: b0 b1 b0 b1
+    k0 = past.layers[0].keys
+    assert k0.shape[0] == 4 and k0.shape[-2] == 3
+    assert torch.equal(k0[2:], run.kv[0][0][..., :3, :]) and torch.equal(k0[:2], k0[2:])
+
+
+def test_sliding_window_is_decided_per_call(hf_model, monkeypatch) -> None:
+    """Mistral's window is 6 tokens: a short call resumes at positions, a longer one does not (and says
+    why), a short one after it does again; every value equals TransformerLens's."""
+    monkeypatch.setattr(fast_path, "_WARNED", weakref.WeakKeyDictionary())
+    model = hf_model("mistral")
+    for pos, positions in ((6, True), (10, False), (5, True)):
+        clean, corrupted = _pair(model, batch=2, pos=pos, seed=pos)
+        clean_logits, cache = model.run_with_cache(clean)
+        metric = _metric(clean_logits)
+        ref = tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
+        status = patching.fast_path_status(model)
+        assert (ours - ref).abs().max() <= TOL
+        assert status.layers and status.positions == positions
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if positions:
+            assert not said
+        else:
+            assert "sliding attention window of 6 tokens" in status.reason and "(this one has 10)" in status.reason
+            assert len(said) == 1 and "sliding attention window" in said[0] and "fast_path_status" in said[0]
+
+
+def test_native_toys_start_at_layers_and_say_why_not_at_positions(toys, monkeypatch) -> None:
+    """Native bridges take no key/value cache: the layer start stays on, the position start is off, and
+    the reason is warned once per model, not once per call."""
+    monkeypatch.setattr(fast_path, "_WARNED", weakref.WeakKeyDictionary())
+    model = toys["gqa"]
+    clean, corrupted = _pair(model, batch=2, pos=6)
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+    seen = _counting(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="position start off: the model.s attention layers left the key/value") as said:
+        ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False)
+    assert len([w for w in said if issubclass(w.category, RuntimeWarning)]) == 1
+    status = patching.fast_path_status(model)
+    assert status == FastPathStatus(True, False, True, status.reason) and "key/value cache" in status.reason
+    assert any(l0 > 0 for _, l0, _ in seen) and all(p0 == 0 for _, _, p0 in seen)
+    ref = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
+    assert (ours - ref).abs().max() <= TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call warns no more
+        patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
+
+
+def test_a_start_that_disagrees_is_turned_off(hf_model, monkeypatch) -> None:
+    """If resuming at positions gave other logits than the plain run, the check turns it off for the call
+    (here: a cache whose keys are damaged), and the sweep still equals TransformerLens's."""
+    monkeypatch.setattr(fast_path, "_WARNED", weakref.WeakKeyDictionary())
+    model = hf_model("llama")
+    clean, corrupted = _pair(model, batch=1, pos=6)
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+    real_past = CorruptedRun.past
+
+    def damaged(self, p0, copies):
+        past = real_past(self, p0, copies)
+        for layer in past.layers:
+            layer.keys.mul_(3.0)
+        return past
+
+    monkeypatch.setattr(CorruptedRun, "past", damaged)
+    with pytest.warns(RuntimeWarning, match="position start off: resuming at block 2, position 3"):
+        ours = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
+    status = patching.fast_path_status(model)
+    assert status.layers and not status.positions and "differ from the plain run" in status.reason
+    assert (ours - tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)).abs().max() <= TOL
