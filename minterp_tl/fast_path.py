@@ -304,5 +304,5 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
                 warned.add(kind)
                 warnings.warn(f"minterp_tl.patching fast path on {name}: {text}. Values are unaffected; the "
                               "sweep recomputes more. patching.fast_path_status(model) shows the decision.",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)  # the caller of the patching function
     return status

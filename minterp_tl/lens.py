@@ -180,6 +180,18 @@ def _single_token(tokenizer: Any, text: str) -> int:
     return int(ids[0])
 
 
+def readout(model: Any, resid: Float[Tensor, "... d_model"], normalize: bool = True) -> Float[Tensor, "... d_vocab"]:
+    """Logits of residual stream states, by every transformation the model applies after its last block:
+    the final norm (``model.ln_final``; skipped with ``normalize=False``), the unembedding, and final logit
+    soft-capping (``cap * tanh(logits / cap)``, Gemma-2's ``final_logit_softcapping``, when
+    ``cfg.output_logits_soft_cap > 0``). On the last block's output this is the model's own logits."""
+    ln_final = getattr(model, "ln_final", None)
+    x = ln_final(resid) if normalize and ln_final is not None else resid
+    logits = model.unembed(x)
+    cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
 def logit_lens(
     model: Any,
     prompts: Prompts,
@@ -207,9 +219,8 @@ def logit_lens(
     manager = StateManager()
     out = ModelWrapper(model).run(ctx, manager, return_logits=False)
     rows = [out.saved[f"blocks.{l}.hook_resid_pre"] for l in range(n)] + [out.saved[f"blocks.{n - 1}.hook_resid_post"]]
-    ln_final = getattr(model, "ln_final", None)
     with torch.no_grad():
-        logits = torch.stack([model.unembed(ln_final(r) if ln_final is not None else r) for r in rows])
+        logits = torch.stack([readout(model, r) for r in rows])
     b, k = rows[0].shape[0], rows[0].shape[1]
     held = manager.entry("blocks.0.hook_resid_pre").positions
     positions_t = torch.arange(k).expand(b, k) if held is None else held.cpu()

@@ -130,27 +130,38 @@ def copies_per_forward(
 
 @dataclass(frozen=True, eq=False)
 class _Patch:
-    """One patched copy: TL-style ``setter(corrupted, index, clean)`` at hook ``name``.
-
-    ``layer`` / ``first_pos`` bound what the patch can change: nothing below block ``layer`` and
-    (causal attention) nothing before position ``first_pos``.
-    """
+    """One patched copy: TL-style ``setter(corrupted, index, clean)`` at hook ``name`` of block ``layer``
+    (nothing below that block can change)."""
 
     name: str
     setter: Callable
     index: Sequence[int]
     clean: Tensor
     layer: int
-    first_pos: int
 
 
-def _is_noop(patch: _Patch, corrupted: CorruptedRun) -> bool:
-    """Whether ``patch`` leaves the corrupted activation exactly (bit for bit) as it is."""
+def _first_change(patch: _Patch, corrupted: CorruptedRun) -> Optional[int]:
+    """The first position at which ``patch`` changes the corrupted activation, or ``None`` when it changes
+    nothing (bit for bit).
+
+    In its patched run a patch's hook sees the corrupted run's own activation (nothing upstream of it is
+    patched), so this is exact for any setter, also one that writes before its index's position: by
+    causality the patched run equals the corrupted run before the returned position.
+    """
     act = corrupted.acts.get(patch.name)
     if act is None:
-        return False
+        return 0
     out = patch.setter(act.clone(), patch.index, patch.clean)
-    return isinstance(out, Tensor) and out.shape == act.shape and torch.equal(out, act)
+    if not isinstance(out, Tensor) or out.shape != act.shape:
+        return 0  # an unusual setter: run it from position 0 (the hook then reports what it returned)
+    changed = out != act
+    if not bool(changed.any()):
+        return None
+    pos_axis, _ = hook_layout(patch.name, act.ndim)
+    if pos_axis is None:
+        return 0
+    per_pos = changed.movedim(pos_axis, 0).reshape(act.shape[pos_axis], -1).any(dim=1)
+    return int(per_pos.nonzero()[0, 0])
 
 
 _FORWARD_OVERHEAD = 4.0
@@ -158,14 +169,12 @@ _FORWARD_OVERHEAD = 4.0
 batch-1 forward costs about as much as 4 sequences of a batch-64 one)."""
 
 
-def _tiles(
-    patches: Sequence[_Patch], per_forward: int, n_layers: int, n_pos: int, *, layers: bool, positions: bool
-) -> list[list[int]]:
-    """Group patches into chunks of at most ``per_forward`` copies that share a high start layer and
-    start position: tiles of the (layer, first position) plane, of the shape that minimises the modelled
-    cost ``sum over chunks of (overhead + sum over members of (n_layers - l0) (n_pos - p0) / (n_layers n_pos))``.
-    A start that is off (``layers`` / ``positions`` false) counts as 0 for every patch."""
-    keys = [(p.layer if layers else 0, p.first_pos if positions else 0) for p in patches]
+def _tiles(starts: Sequence[tuple[int, int]], per_forward: int, n_layers: int, n_pos: int) -> list[list[int]]:
+    """Group patches, given as their ``(start layer, start position)``, into chunks of at most
+    ``per_forward`` copies that share a high start layer and start position: tiles of the (layer, position)
+    plane, of the shape that minimises the modelled cost
+    ``sum over chunks of (overhead + sum over members of (n_layers - l0) (n_pos - p0) / (n_layers n_pos))``."""
+    keys = list(starts)
     counts: dict[tuple[int, int], int] = defaultdict(int)
     for key in keys:
         counts[key] += 1
@@ -183,7 +192,7 @@ def _tiles(
     sizes_l = sorted({max(1, n_layers // d) for d in range(1, n_layers + 1)})
     sizes_p = sorted({max(1, n_pos // d) for d in range(1, n_pos + 1)})
     tile_l, tile_p = min(((a, b) for a in sizes_l for b in sizes_p), key=lambda ab: cost(*ab))
-    order = sorted(range(len(patches)), key=lambda i: keys[i])
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in order:
         groups[(keys[i][0] // tile_l, keys[i][1] // tile_p)].append(i)
@@ -234,19 +243,21 @@ def _run_patched(
     n_layers = model.cfg.n_layers
     per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
     corrupted = CorruptedRun(model, corrupted_tokens, {p.name for p in patches})
-    todo = []
+    todo, first = [], {}
     for i, patch in enumerate(patches):
-        if skip_noops and _is_noop(patch, corrupted):
+        change = _first_change(patch, corrupted)
+        if skip_noops and change is None:
             on_logits(i, corrupted.logits)  # the patched run *is* the corrupted run
         else:
             todo.append(i)
+            first[i] = change or 0
     status = check(model, corrupted) if todo else FastPathStatus(False, False, False, "no patch needed a forward")
     last_only = last_only and status.last_only
-    chunks = [[todo[j] for j in chunk] for chunk in _tiles(
-        [patches[i] for i in todo], per_forward, n_layers, n_pos, layers=status.layers, positions=status.positions)]
+    starts = [(patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo]
+    chunks = [[todo[j] for j in chunk] for chunk in _tiles(starts, per_forward, n_layers, n_pos)]
     for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
         l0 = min(patches[i].layer for i in chunk) if status.layers else 0
-        p0 = min(patches[i].first_pos for i in chunk) if status.positions else 0
+        p0 = min(first[i] for i in chunk) if status.positions else 0
         by_name: dict[str, list[tuple[int, _Patch]]] = defaultdict(list)
         for c, i in enumerate(chunk):
             by_name[patches[i].name].append((c, patches[i]))
@@ -264,6 +275,11 @@ def _run_patched(
                     full = part if prefix is None else torch.cat([prefix, part], dim=pos_axis)
                     out = patch.setter(full, patch.index, patch.clean)
                     if prefix is not None:
+                        if not torch.equal(out.narrow(pos_axis, 0, p0), prefix):
+                            raise RuntimeError(
+                                f"the patch setter for {name} at index {list(patch.index)} changed positions before "
+                                f"{p0} in the patched run, but not when it was called on the corrupted activation "
+                                "beforehand: setters must be deterministic functions of (activation, index, clean).")
                         out = out.narrow(pos_axis, p0, out.shape[pos_axis] - p0)
                     if out is not part:
                         act[c * b : (c + 1) * b] = out
@@ -401,7 +417,6 @@ def generic_activation_patch(
         with torch.no_grad():
             baseline_values = evaluate(model(corrupted_tokens))
 
-    axis_names = list(index_axis_names) if index_axis_names is not None else list(index_df.columns)
     patches = []
     for index in indices:
         name = get_act_name(activation_name, index[0])
@@ -410,7 +425,7 @@ def generic_activation_patch(
                 f"clean_cache has no {name!r}; run the clean pass with names_filter including it "
                 f"(it holds {len(clean_cache.cache_dict)} entries)."
             )
-        patches.append(_Patch(name, patch_setter, index, clean_cache[name], index[0], _first_pos(index, axis_names)))
+        patches.append(_Patch(name, patch_setter, index, clean_cache[name], index[0]))
 
     def store_values(i: int, logits: Tensor) -> None:
         values = evaluate(logits)
@@ -443,14 +458,6 @@ def generic_activation_patch(
         baseline=None if baseline_values is None else (baseline_values if has_metric_axis else baseline_values[0]),
         has_metric_axis=has_metric_axis,
     )
-
-
-def _first_pos(index: Sequence[int], axis_names: Sequence[str]) -> int:
-    """The first position a patch at ``index`` can change (its query / destination position)."""
-    for axis in ("pos", "dest_pos"):
-        if axis in axis_names:
-            return int(index[list(axis_names).index(axis)])
-    return 0
 
 
 def _specialise(setter: Callable, name: str, axes: tuple[str, ...], doc: str) -> Callable:
@@ -804,7 +811,7 @@ def activation_patch(
         if name not in clean_cache.cache_dict:
             raise ValueError(f"clean_cache has no {name!r}; cache it in the clean run.")
         index = (layer_idx[li], None if pos_idx is None else pos_idx[pi], None if head_idx is None else head_idx[hi])
-        patches.append(_Patch(name, setter, index, clean_cache[name], index[0], index[1] or 0))
+        patches.append(_Patch(name, setter, index, clean_cache[name], index[0]))
     values = torch.zeros(len(grid))
 
     def on_logits(i: int, logits: Tensor) -> None:

@@ -54,6 +54,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from minterp_tl.context import Prompts, RepresentationContext
+from minterp_tl.lens import readout
 from minterp_tl.models import ModelInfo, model_info
 from minterp_tl.state import SaveRule, StateConfig, StateManager
 from minterp_tl.wrapper import Batch, ModelWrapper
@@ -252,10 +253,7 @@ class TransformerLensTransparentLlm(TransparentLlm):
         if t.shape != (self._info.d_model,):
             raise ValueError(f"unembed: t must be a [d_model] = [{self._info.d_model}] vector, got shape {tuple(t.shape)}")
         x = t.reshape(1, 1, -1).to(self.model.cfg.device, self.model.cfg.dtype)
-        ln_final = getattr(self.model, "ln_final", None)
-        if normalize and ln_final is not None:
-            x = ln_final(x)
-        return self.model.unembed(x)[0, 0]
+        return readout(self.model, x, normalize=normalize)[0, 0]
 
     # ---- residual stream ----------------------------------------------------------------------
     def residual_in(self, layer: int) -> Float[Tensor, "batch pos d_model"]:

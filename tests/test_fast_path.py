@@ -143,7 +143,8 @@ def test_native_toys_start_at_layers_and_say_why_not_at_positions(toys, monkeypa
     seen = _counting(monkeypatch)
     with pytest.warns(RuntimeWarning, match="position start off: the model.s attention layers left the key/value") as said:
         ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False)
-    assert len([w for w in said if issubclass(w.category, RuntimeWarning)]) == 1
+    runtime = [w for w in said if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime) == 1 and runtime[0].filename == __file__  # reported at the caller's line
     status = patching.fast_path_status(model)
     assert status == FastPathStatus(True, False, True, status.reason) and "key/value cache" in status.reason
     assert any(l0 > 0 for _, l0, _ in seen) and all(p0 == 0 for _, _, p0 in seen)
@@ -171,8 +172,52 @@ def test_a_start_that_disagrees_is_turned_off(hf_model, monkeypatch) -> None:
         return past
 
     monkeypatch.setattr(CorruptedRun, "past", damaged)
-    with pytest.warns(RuntimeWarning, match="position start off: resuming at block 2, position 3"):
+    with pytest.warns(RuntimeWarning, match=r"position start off: resuming at block \d+, position 3"):
         ours = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
     status = patching.fast_path_status(model)
     assert status.layers and not status.positions and "differ from the plain run" in status.reason
     assert (ours - tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("max_batch", [2, 64])
+def test_a_setter_that_writes_before_its_position_is_exact(hf_model, max_batch) -> None:
+    """A custom setter that patches its position and also the position before it: each chunk starts where
+    its patches first change the activation (found by calling the setter on the corrupted activation), so
+    the earlier write is kept; values equal TransformerLens's for any ``max_batch``."""
+    model = hf_model("llama")
+    clean, corrupted = _pair(model, batch=2, pos=7, differ_at=1)
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+
+    def also_before(act, index, clean_act):
+        layer, pos = index
+        act[:, max(pos - 1, 0) : pos + 1] = clean_act[:, max(pos - 1, 0) : pos + 1]
+        return act
+
+    ours = patching.generic_activation_patch(model, corrupted, cache, metric, also_before, "resid_pre",
+                                             index_axis_names=("layer", "pos"), progress=False, max_batch=max_batch)
+    ref = tl_patching.generic_activation_patch(model, corrupted, cache, metric, also_before, "resid_pre",
+                                               index_axis_names=("layer", "pos"))
+    plain = tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
+    assert (ours - ref).abs().max() <= TOL
+    assert (ref - plain).abs().max() > 1e-3  # the earlier write matters
+
+
+def test_a_setter_that_is_not_deterministic_is_refused(hf_model) -> None:
+    """A setter that writes an earlier position only on its second call would be cut silently: it fails."""
+    model = hf_model("llama")
+    clean, corrupted = _pair(model, batch=1, pos=6, differ_at=1)
+    clean_logits, cache = model.run_with_cache(clean)
+    calls = []
+
+    def sneaky(act, index, clean_act):
+        calls.append(index)
+        layer, pos = index
+        act[:, pos] = clean_act[:, pos]
+        if len(calls) > 12:  # after the check on the corrupted activation
+            act[:, 0] += 1.0
+        return act
+
+    with pytest.raises(RuntimeError, match="setters must be deterministic"):
+        patching.generic_activation_patch(model, corrupted, cache, _metric(clean_logits), sneaky, "resid_pre",
+                                          index_axis_names=("layer", "pos"), progress=False, max_batch=1)
