@@ -79,7 +79,8 @@ def _cache_kwarg_shim(model: Any) -> Iterator[None]:
     is given. It changes nothing on transformers <= 5.23 (no ``cache=`` is passed) and is a no-op once
     TransformerLens reads the new name; remove it then. The bridge itself still passes the cache to the
     Hugging Face model as ``past_key_values=``, which transformers 5.24 accepts with a ``FutureWarning``
-    per call; that warning is silenced inside this context only.
+    per call, and bridges that call the Hugging Face attention (OPT) then pass it under both names (the
+    same object; another ``FutureWarning``); those two warnings are silenced inside this context only.
     """
 
     def hook(module: Any, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
@@ -95,6 +96,7 @@ def _cache_kwarg_shim(model: Any) -> Iterator[None]:
                 handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set", category=FutureWarning)
             yield
     finally:
         for handle in handles:

@@ -25,7 +25,9 @@ Graph (``networkx.DiGraph``), node names as in the tool: ``X0_t`` (input of toke
   summed over heads; attribute ``heads`` holds the per-head shares. For ``s = t`` the residual share
   is added to the same edge (attribute ``resid``; ``attn`` is the attention part).
 - ``A{l}_t`` -> ``M{l}_t`` and ``M{l}_t`` -> ``I{l}_t``: the FFN share; ``A{l}_t`` -> ``I{l}_t``:
-  the residual share.
+  the residual share. In a parallel block (GPT-NeoX / Pythia, GPT-J, Phi-2) the FFN reads the block's
+  input, so its edge in is ``I{l-1}_t`` -> ``M{l}_t``; ``A{l}_t`` is then ``I{l-1}_t`` plus the
+  attention output (what the block would give without its FFN), and the shares are computed as usual.
 
 Edges whose share is 0 after thresholding are left out. :func:`paths_to_prediction` keeps the edges
 above a threshold that lead (backwards) to ``I{n_layers-1}_t``; :func:`strongest_paths` ranks whole
@@ -244,9 +246,10 @@ def build_graph(
         )
         c_ffn, c_resid_ffn = ffn_contributions(llm, batch_i, layer, n_tokens=n)
         c_ffn, c_resid_ffn = threshold_and_renormalize(c_ffn, c_resid_ffn, threshold)
+        parallel = llm.parallel_blocks()
         for t, (f, r) in enumerate(zip(c_ffn.tolist(), c_resid_ffn.tolist())):
-            if f > 0:
-                graph.add_edge(f"A{layer}_{t}", f"M{layer}_{t}", weight=f)
+            if f > 0:  # the FFN reads the attention's output, or (parallel block) the block's input
+                graph.add_edge(_block_input(layer, t) if parallel else f"A{layer}_{t}", f"M{layer}_{t}", weight=f)
                 graph.add_edge(f"M{layer}_{t}", f"I{layer}_{t}", weight=f)
             if r > 0:
                 graph.add_edge(f"A{layer}_{t}", f"I{layer}_{t}", weight=r)

@@ -118,6 +118,11 @@ class TransparentLlm(ABC):
     def residual_out(self, layer: int) -> Float[Tensor, "batch pos d_model"]:
         """The residual stream leaving ``layer`` (the next layer's input)."""
 
+    def parallel_blocks(self) -> bool:
+        """Whether attention and FFN of a block both read its input (GPT-NeoX, GPT-J, Phi-2); the FFN
+        then does not read :meth:`residual_after_attn`. ``False`` unless an implementation says so."""
+        return False
+
     # ================= feed-forward =================
 
     @abstractmethod
@@ -199,6 +204,11 @@ class TransformerLensTransparentLlm(TransparentLlm):
         self._n_heads = int(cfg.n_heads)
         self._n_kv = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
         self._has_mlp = not bool(getattr(cfg, "attn_only", False))
+        # Parallel blocks (GPT-NeoX, GPT-J, Phi-2): attention and MLP both read the block input.
+        self._parallel = self._has_mlp and bool(getattr(cfg, "parallel_attn_mlp", False))
+        # Post-norms (Gemma-2/3, OLMo-2): hook_attn_out / hook_mlp_out are taken after them.
+        self._post = {kind: f"blocks.0.{ln}.hook_scale" in model.hook_dict
+                      for kind, ln in (("attn", "ln1_post"), ("mlp", "ln2_post"))}
         self._batch: Optional[Batch] = None
         self._logits: Optional[Tensor] = None
         self._saved: dict[str, Tensor] = {}
@@ -219,7 +229,8 @@ class TransformerLensTransparentLlm(TransparentLlm):
             sentences = [sentences]
         states = ["resid_pre", "resid_post", "attn_out", "v", "pattern"]
         if self._has_mlp:
-            states += ["resid_mid", "mlp_out", "mlp_post"]
+            states += ["mlp_out", "mlp_post"] + ([] if self._parallel else ["resid_mid"])
+        states += [f"{ln}.hook_scale" for kind, ln in (("attn", "ln1_post"), ("mlp", "ln2_post")) if self._post[kind]]
         config = StateConfig(save=tuple(SaveRule(state=s, layers="all", positions="all", heads="all") for s in states))
         context = RepresentationContext(sentences, layers="all", positions="all", heads="all", prepend_bos=self._prepend_bos)
         out = self._wrapper.run(context, StateManager({"transparent": config}), phase="transparent")
@@ -260,9 +271,21 @@ class TransformerLensTransparentLlm(TransparentLlm):
         return self._get("blocks.{}.hook_resid_pre", layer)
 
     def residual_after_attn(self, layer: int) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream after the attention of ``layer``. In a parallel block (see
+        :meth:`parallel_blocks`) the MLP does not read it: it is ``residual_in + attention output``, what
+        the block would output without its MLP, so ``residual_after_attn + ffn_out == residual_out``
+        holds for every block."""
         if not self._has_mlp:
             return self._get("blocks.{}.hook_resid_post", layer)
+        if self._parallel:
+            return self._get("blocks.{}.hook_resid_pre", layer) + self._get("blocks.{}.hook_attn_out", layer)
         return self._get("blocks.{}.hook_resid_mid", layer)
+
+    def parallel_blocks(self) -> bool:
+        """Whether attention and FFN of a block both read the block's input (GPT-NeoX / Pythia, GPT-J,
+        Phi-2): ``residual_out = residual_in + attention output + ffn_out``, and the FFN reads
+        ``residual_in``, not ``residual_after_attn``."""
+        return self._parallel
 
     def residual_out(self, layer: int) -> Float[Tensor, "batch pos d_model"]:
         return self._get("blocks.{}.hook_resid_post", layer)
@@ -279,12 +302,15 @@ class TransformerLensTransparentLlm(TransparentLlm):
         layer = self._layer(layer)
         if not self._has_mlp:
             return torch.zeros(self._info.d_model, dtype=self.model.cfg.dtype, device=self.model.cfg.device)
-        return self._ffn_weights(layer)[1]
+        return self._no_bias_under_post_norm("mlp", layer, self._ffn_weights(layer)[1])
 
     def decomposed_ffn_out(self, batch_i: int, layer: int, pos: int) -> Float[Tensor, "hidden d_model"]:
         act = self.neuron_activations(batch_i, layer, pos)
         w_out, _ = self._ffn_weights(self._layer(layer))
-        return act[:, None] * w_out
+        parts = act[:, None] * w_out
+        b, p = self._bp(batch_i, pos)
+        factor = self._post_factor("mlp", b, self._layer(layer))
+        return parts if factor is None else parts * factor[p]
 
     def neuron_activations(self, batch_i: int, layer: int, pos: int) -> Float[Tensor, "d_ffn"]:
         self._need_mlp("neuron_activations")
@@ -306,7 +332,8 @@ class TransformerLensTransparentLlm(TransparentLlm):
     def attention_output_bias(self, layer: int) -> Float[Tensor, "d_model"]:
         """The attention output projection's bias ``b_O`` (zeros if none): the part of the attention
         output that no (source, head) writes."""
-        return self._attn_weights(self._layer(layer))[1]
+        layer = self._layer(layer)
+        return self._no_bias_under_post_norm("attn", layer, self._attn_weights(layer)[1])
 
     @torch.no_grad()
     def attention_output(self, batch_i: int, layer: int, pos: int, head: int) -> Float[Tensor, "d_model"]:
@@ -316,7 +343,9 @@ class TransformerLensTransparentLlm(TransparentLlm):
         pattern = self._get("blocks.{}.attn.hook_pattern", layer)[b, h, p, : p + 1]  # [source]
         v = self._get("blocks.{}.attn.hook_v", layer)[b, : p + 1, self._kv(h)]  # [source, d_head]
         w_o, _ = self._attn_weights(layer)
-        return (pattern @ v) @ w_o[h]
+        out = (pattern @ v) @ w_o[h]
+        factor = self._post_factor("attn", b, layer)
+        return out if factor is None else out * factor[p]
 
     def decomposed_attn(self, batch_i: int, layer: int) -> Float[Tensor, "target source head d_model"]:
         n = self._state().tokens.shape[1]
@@ -334,12 +363,16 @@ class TransformerLensTransparentLlm(TransparentLlm):
         layer = self._layer(layer)
         pattern = self._get("blocks.{}.attn.hook_pattern", layer)[b, :, start:stop, :stop]  # [head, t, s]
         vo = self._value_outputs(b, layer, stop)  # [s, head, d_model]
-        return pattern.permute(1, 2, 0)[..., None] * vo[None]
+        parts = pattern.permute(1, 2, 0)[..., None] * vo[None]
+        factor = self._post_factor("attn", b, layer)
+        return parts if factor is None else parts * factor[start:stop, None, None, :]
 
     @torch.no_grad()
     def value_outputs(self, batch_i: int, layer: int, n_sources: Optional[int] = None) -> Float[Tensor, "source head d_model"]:
         """``v[s, kv(h)] @ W_O[h]`` for every source position and query head: what head ``h`` would
-        write if it attended only to ``s``. ``decomposed_attn[t, s, h] = pattern[h, t, s] * this[s, h]``.
+        write if it attended only to ``s``. ``decomposed_attn[t, s, h] = pattern[h, t, s] * this[s, h]``
+        (times the post-attention norm's factor of target ``t`` on models with one, see
+        :meth:`post_norm_factor`).
 
         Args:
             batch_i: The sentence.
@@ -361,6 +394,47 @@ class TransformerLensTransparentLlm(TransparentLlm):
             vo = torch.einsum("skd,kgdm->skgm", v, w_o).reshape(v.shape[0], self._n_heads, -1)
             self._vo_cache = (key, vo)
         return self._vo_cache[1][:n_sources]
+
+    # ---- post-norms ---------------------------------------------------------------------------
+    def post_norm_factor(self, kind: str, batch_i: int, layer: int) -> Optional[Float[Tensor, "pos d_model"]]:
+        """The per-token linear map of a post-norm (Gemma-2/3, OLMo-2), or ``None`` without one.
+
+        A post-RMSNorm maps the block's raw output ``x[t]`` to ``gain * x[t] / scale[t]`` with ``scale[t]``
+        the RMS of the whole ``x[t]``: at fixed ``scale[t]`` it is linear, so each part of ``x[t]`` (a
+        head's and source's vector, a neuron's vector) maps exactly to ``gain * part / scale[t]``, and the
+        parts still add up to ``hook_attn_out`` / ``hook_mlp_out``. Returns ``gain / scale[t]``, one row
+        per position.
+
+        Args:
+            kind: ``"attn"`` (``ln1_post``) or ``"mlp"`` (``ln2_post``).
+            batch_i: The sentence.
+            layer: The layer.
+        """
+        if kind not in self._post:
+            raise ValueError(f"post_norm_factor: kind must be 'attn' or 'mlp', got {kind!r}")
+        b = self._index(batch_i, self.batch_size(), "batch_i")
+        return self._post_factor(kind, b, self._layer(layer))
+
+    def _post_factor(self, kind: str, b: int, layer: int) -> Optional[Tensor]:
+        if not self._post[kind]:
+            return None
+        ln_name = "ln1_post" if kind == "attn" else "ln2_post"
+        ln: Any = getattr(self.model.blocks[layer], ln_name)
+        if not getattr(ln, "uses_rms_norm", False):
+            raise ValueError(f"model {self._info.name!r}: blocks.{layer}.{ln_name} is a LayerNorm post-norm, which "
+                             "the decompositions do not support (RMSNorm post-norms are supported)")
+        weight = ln.weight.detach()
+        gain = 1.0 + weight if getattr(ln, "uses_weight_offset", False) else weight
+        scale = self._get("blocks.{}." + ln_name + ".hook_scale", layer)[b]  # [pos, 1]
+        return gain / scale
+
+    def _no_bias_under_post_norm(self, kind: str, layer: int, bias: Tensor) -> Tensor:
+        """An output bias is one vector only without a post-norm (with one it would be per token)."""
+        if self._post[kind] and bool(bias.abs().max() > 0):
+            raise ValueError(f"model {self._info.name!r}: layer {layer}'s {kind} output bias passes through a "
+                             "post-norm, so it is a different vector at every token; decompositions of such "
+                             "models are not supported")
+        return bias
 
     # ---- helpers ------------------------------------------------------------------------------
     def _state(self) -> Batch:
