@@ -23,8 +23,9 @@ Weights and units. The targetable weights are the HookedTransformer parameter na
 ``attn.W_Q``, ``attn.W_K``, ``attn.W_V``, ``attn.W_O``, ``mlp.W_in``, ``mlp.W_gate`` (gated MLPs
 only) and ``mlp.W_out``. On the bridge each is one ``nn.Linear`` (``blocks[l].attn.q`` ... ``.o``,
 ``blocks[l].mlp.in`` / ``.gate`` / ``.out``; the ``original_component`` of a ``LinearBridge``), for
-Hugging Face and native models alike. A mask unit groups the entries of that ``nn.Linear`` weight
-(``[out_features, in_features]``):
+Hugging Face and native models alike, or GPT-2's ``Conv1D``, whose weight is stored transposed
+(``[in_features, out_features]``; masks and units are the same, on the transposed view). A mask unit
+groups the entries of that weight, seen as ``[out_features, in_features]``:
 
 - ``"weight"``: one mask entry per weight entry (mask shape ``[out_features, in_features]``);
 - ``"neuron"``: one entry per hidden unit: rows (output features) of ``W_Q/W_K/W_V/W_in/W_gate``,
@@ -395,6 +396,7 @@ class _MaskLayer(nn.Module):
         super().__init__()
         self.name = name
         object.__setattr__(self, "linear", linear)
+        self.transposed = _is_conv1d(linear)  # GPT-2's Conv1D keeps its weight as [in, out]
         self.method = config.mask_method
         self.unit = config.mask_unit
         self.side = side
@@ -404,7 +406,7 @@ class _MaskLayer(nn.Module):
         self.calls = 0
         self.remove_sampled = False
         self.temperature = 1.0
-        weight = linear.weight
+        weight = self.weight()
         out_f, in_f = weight.shape
         if self.unit == "weight":
             shape: tuple[int, ...] = (out_f, in_f)
@@ -435,6 +437,10 @@ class _MaskLayer(nn.Module):
         self._random: dict[str, Tensor] = {}
 
     # -- shapes ---------------------------------------------------------------------------
+
+    def weight(self) -> Float[Tensor, "d_out d_in"]:
+        """The masked module's weight as ``[out_features, in_features]`` (a view; Conv1D's transposed)."""
+        return self.linear.weight.t() if self.transposed else self.linear.weight
 
     def _magnitude_mask(self, weight: Tensor, prune: float) -> Tensor:
         w = weight.detach().float()
@@ -537,7 +543,7 @@ class _MaskLayer(nn.Module):
 
     def reinitialise(self, generator: torch.Generator) -> None:
         """Fresh ``nn.Linear``-style weights (uniform in ``+-1/sqrt(fan_in)``) for ``random_ablate``."""
-        weight = self.linear.weight
+        weight = self.weight()
         bound = 1.0 / math.sqrt(weight.shape[1])
         self._random["weight"] = _uniform(weight.shape, bound, generator).to(weight.device, weight.dtype)
         if self.linear.bias is not None:
@@ -547,7 +553,7 @@ class _MaskLayer(nn.Module):
 
     def masked_parameters(self) -> tuple[Tensor, Optional[Tensor]]:
         """The weight and bias the masked ``nn.Linear`` uses now."""
-        weight, bias = self.linear.weight, self.linear.bias
+        weight, bias = self.weight(), self.linear.bias
         m = self._expand(self.mask("weight")).to(weight.dtype)
         if self.has_bias_mask:
             mb: Optional[Tensor] = self.mask("bias").to(weight.dtype)
@@ -564,10 +570,11 @@ class _MaskLayer(nn.Module):
         return weight * m, (bias if mb is None else bias * mb)
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
-        """The masked ``nn.Linear`` forward (installed as the linear module's ``forward``)."""
+        """The masked forward (installed as the module's ``forward``): ``F.linear`` with the masked
+        ``[out, in]`` weight, the same product an ``nn.Linear`` or a ``Conv1D`` computes."""
         self.calls += 1
         if not self.use_mask:
-            return nn.Linear.forward(self.linear, x)
+            return type(self.linear).forward(self.linear, x)  # the module's own class forward
         weight, bias = self.masked_parameters()
         return F.linear(x, weight, bias)
 
@@ -1045,12 +1052,19 @@ def _linear(block: nn.Module, path: str) -> Optional[nn.Linear]:
     except AttributeError:
         return None
     linear = getattr(module, "original_component", module)
-    if not isinstance(linear, nn.Linear):
+    if not (isinstance(linear, nn.Linear) or _is_conv1d(linear)):
         raise ValueError(
-            f"CircuitModel: {path} of this model is a {type(linear).__name__}, not an nn.Linear; masks "
-            f"support nn.Linear weights only"
+            f"CircuitModel: {path} of this model is a {type(linear).__name__}, not an nn.Linear or a Conv1D; "
+            f"masks support those weights only"
         )
     return linear
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): ``x @ W + b`` with ``W`` as ``[in, out]``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 def _group(model: TransformerBridge, weight: str, unit: str, target: str) -> int:
