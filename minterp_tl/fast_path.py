@@ -127,13 +127,14 @@ def _sliding_window(model: Any) -> Optional[int]:
 
 
 @contextmanager
-def _skip_blocks(model: Any, n: int, as_tuple: bool) -> Iterator[None]:
-    """Make blocks ``0..n-1`` return their input unchanged (as a 1-tuple when ``as_tuple``, the form a
-    block of this model returns): with ``start_at_layer=n`` the bridge swaps the given residual in at
-    block ``n`` and discards what the blocks below computed."""
+def _skip_blocks(model: Any, n: int, tuple_len: int) -> Iterator[None]:
+    """Make blocks ``0..n-1`` return their input unchanged, in the form a block of this model returns (a
+    bare tensor when ``tuple_len == 0``, else a tuple of that length with ``None`` after the hidden
+    states): with ``start_at_layer=n`` the bridge swaps the given residual in at block ``n`` and discards
+    what the blocks below computed."""
 
     def identity(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return (hidden_states,) if as_tuple else hidden_states
+        return (hidden_states,) + (None,) * (tuple_len - 1) if tuple_len else hidden_states
 
     skipped = []
     try:
@@ -171,10 +172,10 @@ class CorruptedRun:
             return hook
 
         hooks = [(name, keep(name)) for name in wanted if name in model.hook_dict]
-        self.block_returns_tuple = False  # the form a block's own forward returns (native bridges: a 1-tuple)
+        self.block_tuple_len = 0  # the form a block's own forward returns: 0 = a tensor (native bridges: 1-tuples)
 
         def note_form(module: Any, args: Any, output: Any) -> None:
-            self.block_returns_tuple = isinstance(output, tuple)
+            self.block_tuple_len = len(output) if isinstance(output, tuple) else 0
 
         self.kv: Optional[list[tuple[Tensor, Tensor]]] = None
         self.kv_reason: Optional[str] = None
@@ -234,7 +235,7 @@ class CorruptedRun:
                 return model.run_with_hooks(self.tokens.repeat(copies, 1), fwd_hooks=list(hooks))
             resid = self.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(copies, 1, 1)
             past = self.past(p0, copies) if p0 > 0 else None
-            with _skip_blocks(model, l0, self.block_returns_tuple), _cache_kwarg_shim(model):
+            with _skip_blocks(model, l0, self.block_tuple_len), _cache_kwarg_shim(model):
                 out = model.run_with_hooks(resid, fwd_hooks=list(hooks), start_at_layer=l0, past_key_values=past, **extra)
         return out[:, -1:] if last_only else out  # native bridges ignore logits_to_keep
 
