@@ -38,10 +38,10 @@ before hooks added later (``run_with_hooks``, ``run_with_cache``), which therefo
 activation. ``model.reset_hooks(including_permanent=True)`` removes edits behind this object's back;
 call :meth:`Edits.clear` instead.
 
-Security of saved edits: a saved function is a module path and an attribute name, imported with
-``importlib`` when the edits are loaded (importing a module runs its top-level code, as ``import``
-does): load edit files from sources you trust, or pass ``allowed_modules``. A function that cannot be
-imported, or is not a plain Python function, is refused with a ``ValueError``, and nothing is loaded.
+Security of saved edits: loading a folder runs no code named in it. A saved function edit records the
+function's ``"module:qualname"``; :meth:`Edits.load` imports nothing and calls only functions its caller
+passes in ``functions=``: a folder naming any other function is refused before anything is installed.
+Every field of the file is type-checked, and every tensor is checked against its hash.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import difflib
 import importlib
 import inspect
 import json
+import math
 import re
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -80,7 +81,7 @@ SpecJSON = Union[None, int, str, list]
 KINDS: tuple[str, ...] = ("zero", "mean", "add", "set", "function")
 _FORMAT = "minterp_tl.edits"
 _VERSION = 1
-_FUNCTION_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_FUNCTION_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")  # module:name, no attribute walk
 _NAME = re.compile(r"[^\x00-\x1f/]{1,200}")
 
 
@@ -258,7 +259,8 @@ def import_function(path: str, allowed_modules: Optional[Sequence[str]] = None) 
     """
     if not isinstance(path, str) or not _FUNCTION_PATH.fullmatch(path):
         raise ValueError(
-            f"function path must look like 'package.module:function', got {path!r}."
+            f"function path must look like 'package.module:function' (a function at the top level of a module), "
+            f"got {path!r}."
         )
     module_name, qualname = path.split(":")
     if allowed_modules is not None and not any(
@@ -767,47 +769,64 @@ class Edits:
         return StateStore(path).save(tensors, {"minterp_tl.kind": "Edits", "minterp_tl.edits": json.dumps(manifest)})
 
     @classmethod
-    def load(cls, model: TransformerBridge, path: Any, allowed_modules: Optional[Sequence[str]] = None) -> Edits:
+    def load(
+        cls,
+        model: TransformerBridge,
+        path: Any,
+        functions: Union[Mapping[str, EditFunction], Sequence[EditFunction]] = (),
+        **removed: Any,
+    ) -> Edits:
         """Edits saved by :meth:`save`, installed on ``model``; all or nothing.
+
+        Loading runs no code named in the folder: it imports nothing. A saved function edit names its
+        function (``"module:qualname"``, as :func:`function_path` gives it); the caller hands the function
+        itself in ``functions``, and a file that names any other function is refused. The whole file is
+        checked (every field's type, the model's shape, every hook, every tensor's hash) before an edit is
+        installed.
 
         Args:
             model: The model (same ``n_layers``, ``n_heads``, ``d_model`` and ``d_vocab`` as the one saved).
             path: The directory.
-            allowed_modules: If given, function edits may only come from these modules / packages.
+            functions: The functions function edits may call: a list of functions (each known by its
+                ``"module:qualname"``) or a mapping from that name to the function.
 
         Raises:
-            ValueError: If the directory holds no saved edits, the model's shape differs, a hook does
-                not exist on ``model``, a tensor fails its integrity check, or a function cannot be
-                imported (or is not allowed); then no edit is installed.
+            ValueError: If the directory holds no saved edits or a malformed file, the model's shape
+                differs, a hook does not exist on ``model``, a tensor fails its integrity check, or a
+                function edit names a function not in ``functions``; then no edit is installed.
         """
+        if "allowed_modules" in removed:
+            raise ValueError("Edits.load no longer imports functions named in a file (allowed_modules is gone): "
+                             "pass the functions themselves, e.g. Edits.load(model, path, functions=[clip]).")
+        if removed:
+            raise TypeError(f"Edits.load got unexpected keyword arguments {sorted(removed)}")
+        given = _given_functions(functions)
         store = StateStore(path)
         meta = store.metadata
         if meta.get("minterp_tl.kind") != "Edits":
             raise ValueError(f"The store at {str(path)!r} holds no saved edits (written by Edits.save).")
-        manifest = json.loads(meta["minterp_tl.edits"])
-        if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
-            raise ValueError(f"Saved edits at {str(path)!r} have an unknown format or version.")
+        where = f"Saved edits at {str(path)!r}"
+        manifest = _read_manifest(meta.get("minterp_tl.edits"), where)
         cfg = model.cfg
-        mine = {k: int(getattr(cfg, k)) for k in manifest["model"]}
+        mine = {k: int(getattr(cfg, k)) for k in _MODEL_KEYS}
         if mine != manifest["model"]:
-            raise ValueError(f"Saved edits at {str(path)!r} were made for a model with {manifest['model']}; this model has {mine}.")
+            raise ValueError(f"{where} were made for a model with {manifest['model']}; this model has {mine}.")
+        for e in manifest["edits"]:  # every name is checked before any tensor is read
+            if e["kind"] == "function" and e["function"] not in given:
+                raise ValueError(
+                    f"{where}: edit {e['name']!r} calls function {e['function']!r}, which was not given; loading "
+                    f"imports nothing, so pass it: Edits.load(model, path, functions=[...]) (given: "
+                    f"{sorted(given) or 'none'})."
+                )
         tensors = store.load()
         edits = cls(model)
         built = []
         for e in manifest["edits"]:
-            if e.get("kind") not in KINDS:
-                raise ValueError(f"Saved edit {e.get('name')!r} has an unknown kind {e.get('kind')!r}; kinds: {KINDS}.")
             try:
                 specs = {what: _json_spec(e[key], what) for key, what in
                          (("positions", "position"), ("heads", "head"), ("neurons", "index"))}
             except ValueError as err:
                 raise ValueError(f"Saved edit {e['name']!r}: {err}") from None
-            fn = None
-            if e["kind"] == "function":
-                try:
-                    fn = import_function(e["function"], allowed_modules)
-                except ValueError as err:
-                    raise ValueError(f"Saved edit {e['name']!r} is refused: {err}") from None
             hooks = tuple(e["hooks"])
             for hook in hooks:
                 try:
@@ -815,14 +834,19 @@ class Edits:
                         raise ValueError(f"{hook!r} is an alias, not the canonical name")
                 except ValueError as err:
                     raise ValueError(f"Saved edit {e['name']!r}: hook {hook!r} does not fit this model: {err}") from None
+            missing = [k for k in e["values"].values() if k not in tensors]
+            if missing or set(e["values"]) - set(hooks):
+                raise ValueError(f"{where}: edit {e['name']!r} refers to values {missing} that the store does not "
+                                 f"hold, or to hooks it does not edit.")
             built.append(
                 (
                     Edit(
                         e["name"], e["kind"], hooks, positions=specs["position"], heads=specs["head"],
                         neurons=specs["index"], values={h: tensors[k] for h, k in e["values"].items()},
-                        alpha=float(e["alpha"]), function=e["function"], kwargs=e["kwargs"], fn=fn,
+                        alpha=float(e["alpha"]), function=e["function"], kwargs=e["kwargs"],
+                        fn=given.get(e["function"]) if e["kind"] == "function" else None,
                     ),
-                    bool(e["enabled"]),
+                    e["enabled"],
                 )
             )
         for edit, enabled in built:
@@ -831,6 +855,66 @@ class Edits:
             edits._enabled[edit.name] = enabled
         edits._sync()
         return edits
+
+
+_MODEL_KEYS = ("n_layers", "n_heads", "d_model", "d_vocab")
+_EDIT_FIELDS: dict[str, Any] = {
+    "name": str, "kind": str, "hooks": list, "positions": object, "heads": object, "neurons": object,
+    "alpha": (int, float), "function": (str, type(None)), "kwargs": dict, "values": dict, "enabled": bool,
+}
+
+
+def _given_functions(functions: Union[Mapping[str, EditFunction], Sequence[EditFunction]]) -> dict[str, EditFunction]:
+    """``{"module:qualname": function}`` from what :meth:`Edits.load` was given (nothing is imported)."""
+    if isinstance(functions, Mapping):
+        items = list(functions.items())
+    else:
+        items = []
+        for fn in functions:
+            module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+            if not callable(fn) or not module or not qualname:
+                raise ValueError(f"Edits.load functions must be functions, got {fn!r}.")
+            items.append((f"{module}:{qualname}", fn))
+    for name, fn in items:
+        if not isinstance(name, str) or not callable(fn):
+            raise ValueError(f"Edits.load functions must map 'module:qualname' strings to functions, got {name!r}: {fn!r}.")
+    return dict(items)
+
+
+def _read_manifest(text: Any, where: str) -> dict[str, Any]:
+    """The JSON description of saved edits, every field checked (a malformed file is a ValueError that
+    says what is wrong, never a KeyError or TypeError)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the store's metadata has no edits description.")
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{where}: the edits description is not valid JSON ({type(err).__name__}).") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+        raise ValueError(f"{where} have an unknown format or version.")
+    model = manifest.get("model")
+    if (not isinstance(model, dict) or sorted(model) != sorted(_MODEL_KEYS)
+            or not all(type(v) is int for v in model.values())):
+        raise ValueError(f"{where}: 'model' must give the integers {list(_MODEL_KEYS)}, got {model!r}.")
+    entries = manifest.get("edits")
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: 'edits' must be a list.")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or sorted(e) != sorted(_EDIT_FIELDS):
+            raise ValueError(f"{where}: edit #{i} must have exactly the fields {sorted(_EDIT_FIELDS)}.")
+        for key, kind in _EDIT_FIELDS.items():
+            value = e[key]
+            if not isinstance(value, kind) or (key == "alpha" and (isinstance(value, bool) or not math.isfinite(value))):
+                raise ValueError(f"{where}: edit #{i} field {key!r} has the wrong type or value: {value!r}.")
+        if e["kind"] not in KINDS:
+            raise ValueError(f"{where}: edit {e['name']!r} has an unknown kind {e['kind']!r}; kinds: {KINDS}.")
+        if (e["kind"] == "function") != isinstance(e["function"], str):
+            raise ValueError(f"{where}: edit {e['name']!r}: 'function' must be a name exactly for function edits.")
+        if not e["hooks"] or not all(isinstance(h, str) for h in e["hooks"]):
+            raise ValueError(f"{where}: edit {e['name']!r}: 'hooks' must be a non-empty list of hook names.")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in e["values"].items()):
+            raise ValueError(f"{where}: edit {e['name']!r}: 'values' must map hook names to tensor keys.")
+    return manifest
 
 
 __all__ = ["Edit", "EditFunction", "EditKind", "Edits", "function_path", "import_function"]

@@ -43,12 +43,14 @@ Loading is all-or-nothing: a missing, truncated or altered file (hash mismatch) 
 from __future__ import annotations
 
 import difflib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -69,8 +71,13 @@ OBJECTS = "objects"
 LOCK = ".lock"
 _TENSOR_KEY = "tensor"
 _HASH_PREFIX = b"minterp_tl.tensor_hash.v1"
-_OBJECT_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
+_HASH = re.compile(r"[0-9a-f]{64}")
+_XXH3 = re.compile(r"[0-9a-f]{32}")
 _TMP_MARK = ".tmp-"
+# The only temporary names a store creates (and so the only ones it deletes): ".tmp-<16 hex>-" + the final
+# name (the manifest or an object) or "pending.json" (a writer's list of the objects it is adding).
+_TMP_NAME = re.compile(r"\.tmp-[0-9a-f]{16}-(?:manifest\.json|pending\.json|[0-9a-f]{64}\.safetensors)")
+_PENDING = "pending.json"
 
 _DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -302,11 +309,16 @@ class StateStore:
     def _locked(self, shared: bool) -> Iterator[None]:
         """Hold ``flock`` on ``root/.lock``: shared for readers, exclusive for writers. A reader of a
         store it cannot write to (read-only copy) reads without the lock."""
+        self._refuse_links()
         if not shared:
             self._objects.mkdir(parents=True, exist_ok=True)
+            self._refuse_links()
         try:
-            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError:
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ValueError(f"State store {str(self.root)!r}: {LOCK} is a symbolic link; a store never "
+                                 "follows links inside its folder.") from None
             if not shared:
                 raise
             yield
@@ -316,6 +328,14 @@ class StateStore:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+    def _refuse_links(self) -> None:
+        """A store stays inside its folder: its manifest, objects folder and lock file must not be
+        symbolic links (the folder itself may be one: it is what the user named)."""
+        for name in (MANIFEST, OBJECTS, LOCK):
+            if (self.root / name).is_symlink():
+                raise ValueError(f"State store {str(self.root)!r}: {name} is a symbolic link; a store never "
+                                 "follows links inside its folder. Remove it, or use another folder.")
 
     # ---- reading ------------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -329,10 +349,11 @@ class StateStore:
                 f"No state store at {str(self.root)!r}: {MANIFEST} not found. Save one first "
                 "(StateStore(root).save({...}))."
             )
+        self._refuse_links()
         try:
             manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"State store manifest {str(path)!r} is unreadable: {err}.") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise ValueError(f"State store manifest {str(path)!r} is unreadable: {type(err).__name__}.") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not a minterp_tl state store manifest.")
         if manifest.get("version") != VERSION:
@@ -340,6 +361,7 @@ class StateStore:
                 f"State store {str(self.root)!r} has format version {manifest.get('version')!r}; this "
                 f"minterp_tl reads version {VERSION}."
             )
+        _check_manifest(manifest, str(path))
         return manifest
 
     def _manifest(self) -> dict[str, Any]:
@@ -378,16 +400,21 @@ class StateStore:
 
     def _read_object(self, name: str, entry: Mapping[str, Any]) -> Tensor:
         """Read one object file and verify it against ``entry``; every problem names ``name``."""
+        if not _HASH.fullmatch(str(entry["hash"])):
+            raise ValueError(f"State store {str(self.root)!r}: tensor {name!r} has a malformed hash in the manifest.")
         rel = f"{OBJECTS}/{entry['hash']}.safetensors"
         path = self.root / rel
         where = f"tensor {name!r} (file {str(path)!r})"
         try:
-            data = path.read_bytes()
+            data = _read_no_follow(path)
         except FileNotFoundError:
             raise ValueError(
                 f"State store {str(self.root)!r}: {where} is missing; the store was saved again without "
                 "this content, or the file was deleted."
             ) from None
+        except OSError as err:
+            raise ValueError(f"State store {str(self.root)!r}: {where} cannot be read ({err.strerror}; a symbolic "
+                             "link inside a store is never followed).") from None
         self.files_read += 1
         expected_bytes = entry.get("file_bytes")
         if expected_bytes is not None and len(data) != expected_bytes:
@@ -538,13 +565,25 @@ class StateStore:
         prints = {name: None if isinstance(t, LazyTensor) else _fingerprint(t) for name, t in tensors.items()}
         with self._locked(shared=False):
             old = self._read_manifest()["tensors"] if self.exists() else {}
-            present = {e["hash"]: e["file_bytes"] for e in old.values()}  # hash -> file size
+            since = self._manifest_path.stat().st_mtime_ns if old else 0
+            # content already stored: hash -> file size, trusted only once its file is checked (see _intact)
+            present = {e["hash"]: e["file_bytes"] for e in old.values()}
+            checked: dict[str, bool] = {}
             known = {e["xxh3"]: e["hash"] for e in old.values() if "xxh3" in e}  # fingerprint -> hash
             fingerprints = {h: fp for fp, h in known.items()}  # hash -> fingerprint (for lazy tensors)
             hashes = {
                 name: t.hash if isinstance(t, LazyTensor) else known.get(prints[name]) or tensor_hash(t)
                 for name, t in tensors.items()
             }
+
+            def intact(h: str) -> bool:
+                if h not in checked:
+                    checked[h] = h in present and self._intact(h, present[h], since)
+                return checked[h]
+
+            new = sorted({h for name, h in hashes.items() if not intact(h)})
+            if new:  # a journal of what this save adds, so a later save can remove it if this one dies
+                self._write_journal(new)
             written, unchanged, bytes_written = [], [], 0
             entries: dict[str, dict[str, Any]] = {}
             for name, t in tensors.items():
@@ -559,23 +598,24 @@ class StateStore:
                 fingerprint = prints[name] or fingerprints.get(h)
                 if fingerprint is not None:
                     entry["xxh3"] = fingerprint
-                if name in old and old[name]["hash"] == h:
+                if name in old and old[name]["hash"] == h and intact(h):
                     unchanged.append(name)
                     entry["file_bytes"] = old[name]["file_bytes"]
                 else:
                     written.append(name)
-                    if h in present:
+                    if intact(h):
                         entry["file_bytes"] = present[h]
                     elif isinstance(t, LazyTensor):
                         raise ValueError(
                             f"tensors[{name!r}] is a LazyTensor of this store whose content is no longer "
-                            "stored (the store was saved again without it); load it before that save."
+                            "stored intact (the store was saved again without it, or its file was deleted or "
+                            "damaged); load it before that, or give the tensor itself."
                         )
                     else:
                         data = _st_save({_TENSOR_KEY: t.detach().to("cpu").contiguous()})
                         entry["file_bytes"] = self._write_atomic(self._objects / f"{h}.safetensors", data)
                         bytes_written += entry["file_bytes"]
-                        present[h] = entry["file_bytes"]
+                        present[h], checked[h] = entry["file_bytes"], True
                 entries[name] = entry
             removed = [n for n in old if n not in tensors]
             manifest = {"format": FORMAT, "version": VERSION, "metadata": meta, "tensors": entries}
@@ -584,28 +624,98 @@ class StateStore:
                 self._fsync_dir(self._objects)
             bytes_written += self._write_atomic(self._manifest_path, text)
             self._fsync_dir(self.root)
-            self._collect_garbage({e["hash"] for e in entries.values()})
+            self._collect_garbage({e["hash"] for e in entries.values()}, {e["hash"] for e in old.values()})
             total = len(text) + sum({e["hash"]: e["file_bytes"] for e in entries.values()}.values())
         return SaveReport(written, unchanged, removed, bytes_written, total, time.perf_counter() - start)
 
-    def _collect_garbage(self, keep: set[str]) -> None:
-        """Delete object files not in ``keep`` and temporary files of killed writers (called under the
-        exclusive lock, after the commit, so no live writer owns a temporary file)."""
+    def _intact(self, h: str, file_bytes: int, since: int) -> bool:
+        """Whether the stored object ``h`` can be trusted on a re-save: a regular file (not a link) of the
+        manifest's size, and, if it changed after the manifest was written, of the right content."""
+        path = self._objects / f"{h}.safetensors"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != file_bytes:
+            return False
+        if st.st_mtime_ns <= since:
+            return True
+        try:
+            return tensor_hash(_st_load(_read_no_follow(path))[_TENSOR_KEY]) == h
+        except Exception:  # noqa: BLE001 - unreadable or not safetensors: not intact
+            return False
+
+    def _write_journal(self, hashes: list[str]) -> None:
+        """Record the objects this save is about to add (``.tmp-<hex>-pending.json``, fsynced)."""
+        path = self.root / f"{_TMP_MARK}{secrets.token_hex(8)}-{_PENDING}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        try:
+            os.write(fd, json.dumps({"objects": hashes}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _collect_garbage(self, keep: set[str], previous: set[str]) -> None:
+        """Delete what this store made and no longer needs (called under the exclusive lock, after the
+        commit, so no live writer owns a temporary file): objects the previous manifest or a writer's
+        journal named that the new manifest does not, and the store's own temporary files. Files it did
+        not create (any other name, or an object no manifest or journal of this store named) stay."""
+        ours = set(previous)
+        journals = [e for e in os.scandir(self.root) if _TMP_NAME.fullmatch(e.name) and e.name.endswith(_PENDING)]
+        for journal in journals:
+            try:
+                listed = json.loads(_read_no_follow(Path(journal.path)))["objects"]
+                ours.update(h for h in listed if isinstance(h, str) and _HASH.fullmatch(h))
+            except Exception:  # noqa: BLE001 - a journal cut short by a kill: nothing to learn from it
+                pass
+        for h in ours - keep:
+            path = self._objects / f"{h}.safetensors"
+            if path.is_file() and not path.is_symlink():
+                os.unlink(path)
         for directory in (self.root, self._objects):
             for entry in os.scandir(directory):
-                if entry.name.startswith(_TMP_MARK):
-                    os.unlink(entry.path)
-                elif (
-                    directory == self._objects
-                    and _OBJECT_NAME.fullmatch(entry.name)
-                    and entry.name[:64] not in keep
-                ):
+                if _TMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                     os.unlink(entry.path)
 
     def __repr__(self) -> str:
         if not self.exists():
             return f"StateStore({str(self.root)!r}, empty)"
         return f"StateStore({str(self.root)!r}, {len(self)} tensors)"
+
+
+def _read_no_follow(path: Path) -> bytes:
+    """The bytes of ``path``, refusing to follow a symbolic link (``OSError`` with ``ELOOP``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _check_manifest(manifest: dict[str, Any], where: str) -> None:
+    """Every field of a manifest has the type and form the store writes; anything else is a ValueError
+    that says what is wrong (never a KeyError, a TypeError or a path outside the store)."""
+    metadata, tensors = manifest.get("metadata"), manifest.get("tensors")
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"State store manifest {where!r}: 'metadata' must map strings to strings.")
+    if not isinstance(tensors, dict):
+        raise ValueError(f"State store manifest {where!r}: 'tensors' must be a mapping of names to entries.")
+    for name, e in tensors.items():
+        bad = None
+        if not isinstance(e, dict):
+            bad = "is not a mapping"
+        elif not isinstance(e.get("hash"), str) or not _HASH.fullmatch(e["hash"]):
+            bad = "has a hash that is not 64 hex digits"
+        elif e.get("file") != f"{OBJECTS}/{e['hash']}.safetensors":
+            bad = "names a file other than its hash's object"
+        elif e.get("dtype") not in _DTYPES:
+            bad = f"has an unknown dtype {e.get('dtype')!r}"
+        elif not isinstance(e.get("shape"), list) or not all(type(d) is int and d >= 0 for d in e["shape"]):
+            bad = "has a shape that is not a list of non-negative integers"
+        elif not all(type(e.get(k)) is int and e[k] >= 0 for k in ("file_bytes", "nbytes")):
+            bad = "has file_bytes / nbytes that are not non-negative integers"
+        elif "xxh3" in e and not (isinstance(e["xxh3"], str) and _XXH3.fullmatch(e["xxh3"])):
+            bad = "has a malformed xxh3 fingerprint"
+        if bad:
+            raise ValueError(f"State store manifest {where!r}: the entry of tensor {str(name)[:80]!r} {bad}.")
 
 
 def _check_tensors(tensors: Mapping[str, Union[Tensor, LazyTensor]]) -> dict[str, Union[Tensor, LazyTensor]]:
