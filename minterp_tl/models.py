@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -544,6 +545,43 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
+def _state_hash(state: dict[str, Tensor]) -> str:
+    """One blake2b hash over every tensor's name and content hash (see :func:`minterp_tl.store.tensor_hash`)."""
+    from minterp_tl.store import tensor_hash
+
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(state):
+        h.update(f"{name}={tensor_hash(state[name])};".encode())
+    return h.hexdigest()
+
+
+def _read_cached_weights(path: Path) -> Optional[dict[str, Tensor]]:
+    """The cached weights at ``path`` if the file is intact (readable, not a link, its content hash as
+    recorded), else ``None`` after a warning that names the file: the caller trains again and rewrites it."""
+    from safetensors import safe_open
+    from safetensors.torch import load as st_load
+
+    problem = None
+    try:
+        if path.is_symlink():
+            raise OSError("it is a symbolic link")
+        data = path.read_bytes()
+        state = st_load(data)
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("content_hash")
+        if recorded is None:
+            problem = "it records no content hash (written by an older version)"
+        elif recorded != _state_hash(state):
+            problem = "its content does not match its hash (the file was altered or corrupted)"
+        else:
+            return state
+    except Exception as err:  # noqa: BLE001 - any unreadable cache file is rebuilt
+        problem = f"it cannot be read ({type(err).__name__}: {err})"
+    warnings.warn(f"train_induction_model: the cached model {str(path)!r} is not used: {problem}. Training "
+                  "again and rewriting the cache.", RuntimeWarning, stacklevel=3)
+    return None
+
+
 def train_induction_model(
     n_layers: int = 2,
     *,
@@ -594,8 +632,12 @@ def train_induction_model(
     Returns:
         The trained ``TransformerBridge`` in eval mode, without tokenizer (feed token ids).
     """
-    from safetensors.torch import load_file, save
-
+    for name, value, low in (("n_layers", n_layers, 1), ("steps", steps, 1), ("batch_size", batch_size, 1),
+                             ("d_vocab", d_vocab, 2), ("d_model", d_model, 1), ("n_heads", n_heads, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"train_induction_model: {name} must be an integer >= {low}, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise ValueError(f"train_induction_model: lr must be a positive finite number, got {lr!r}")
     t = InductionTraining(
         n_layers=n_layers,
         d_vocab=d_vocab,
@@ -615,21 +657,31 @@ def train_induction_model(
     model = _boot_induction(t)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights = directory / f"induction-{t.key()}.safetensors"
-    if use_cache and weights.is_file():
-        model.original_model.load_state_dict(load_file(str(weights)))
-        model.eval()
-        return model
+    if use_cache and (weights.is_file() or weights.is_symlink()):
+        state = _read_cached_weights(weights)
+        if state is not None:
+            model.original_model.load_state_dict(state)
+            model.eval()
+            return model
     start = time.perf_counter()
     history = _train(model, t, progress)
     seconds = time.perf_counter() - start
     if use_cache:
+        from safetensors.torch import save
+
         state = {k: v.detach().contiguous().clone() for k, v in model.original_model.state_dict().items()}
-        meta = {"training": json.dumps(asdict(t)), "seconds": f"{seconds:.2f}", "final_loss": f"{history[-1]:.4f}"}
-        _atomic_write_bytes(weights, save(state, metadata=meta))
-        _atomic_write_bytes(
-            weights.with_suffix(".json"),
-            json.dumps({"training": asdict(t), "seconds": seconds, "loss_history": history}).encode(),
-        )
+        meta = {"training": json.dumps(asdict(t)), "seconds": f"{seconds:.2f}", "final_loss": f"{history[-1]:.4f}",
+                "content_hash": _state_hash(state)}
+        try:
+            _atomic_write_bytes(weights, save(state, metadata=meta))
+            _atomic_write_bytes(
+                weights.with_suffix(".json"),
+                json.dumps({"training": asdict(t), "seconds": seconds, "loss_history": history}).encode(),
+            )
+        except OSError as err:
+            warnings.warn(f"train_induction_model: the trained model could not be cached at {str(weights)!r} "
+                          f"({err.strerror or err}); it is returned, and will be trained again next time.",
+                          RuntimeWarning, stacklevel=2)
     logger.info("trained %d-layer induction model in %.1f s (final loss %.3f)", n_layers, seconds, history[-1])
     return model
 

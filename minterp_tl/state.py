@@ -495,6 +495,7 @@ class StateManager:
         """
         tensors: dict[str, Tensor] = {}
         entries: list[dict[str, Any]] = []
+        state_keys = {format_key(*state.key) for state in self._states.values()}
         for state in self._states.values():
             key = format_key(*state.key)
             if key in tensors:
@@ -503,11 +504,16 @@ class StateManager:
                     "(a tag containing '/'); rename the tag."
                 )
             tensors[key] = state.tensor
-            if state.positions is not None:
-                tensors[key + "#positions"] = state.positions
+            positions_key = None
+            if state.positions is not None:  # a key no state has (a state may be named "x#positions")
+                positions_key = key + "#positions"
+                while positions_key in state_keys or positions_key in tensors:
+                    positions_key += "#"
+                tensors[positions_key] = state.positions
             entries.append(
                 {
                     "key": key,
+                    "positions_key": positions_key,
                     "tag": state.tag,
                     "name": state.name,
                     "positions": state.positions is not None,
@@ -538,19 +544,25 @@ class StateManager:
                 "'minterp_tl.kind': 'StateManager')."
             )
         manager = cls()
-        for e in json.loads(metadata["minterp_tl.states"]):
-            manager.set(
-                SavedState(
-                    tensor=tensors[e["key"]],
-                    name=e["name"],
-                    tag=e["tag"],
-                    positions=tensors[e["key"] + "#positions"] if e["positions"] else None,
-                    heads=None if e["heads"] is None else tuple(e["heads"]),
-                    pos_axis=e["pos_axis"],
-                    head_axis=e["head_axis"],
-                    str_tokens=None if e["str_tokens"] is None else tuple(tuple(t) for t in e["str_tokens"]),
+        try:
+            entries = json.loads(metadata["minterp_tl.states"])
+            for e in entries:
+                positions_key = e.get("positions_key") or e["key"] + "#positions"
+                manager.set(
+                    SavedState(
+                        tensor=tensors[e["key"]],
+                        name=e["name"],
+                        tag=e["tag"],
+                        positions=tensors[positions_key] if e["positions"] else None,
+                        heads=None if e["heads"] is None else tuple(int(h) for h in e["heads"]),
+                        pos_axis=e["pos_axis"],
+                        head_axis=e["head_axis"],
+                        str_tokens=None if e["str_tokens"] is None else tuple(tuple(t) for t in e["str_tokens"]),
+                    )
                 )
-            )
+        except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as err:
+            raise ValueError(f"The states saved at {str(path)!r} have a malformed description "
+                             f"({type(err).__name__}: {str(err)[:120]}).") from None
         return manager
 
 def _concat(old: SavedState, new: SavedState) -> SavedState:
