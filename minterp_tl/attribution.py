@@ -57,6 +57,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from minterp_tl._checks import token_ids
 from minterp_tl.names import resolve_name
 from minterp_tl.patching import MetricFn, PatchSweep
 from minterp_tl.specs import SpecLike, resolve
@@ -106,22 +107,14 @@ class AttributionSweep(PatchSweep):
 
 
 def _check_tokens(model: Any, tokens: Any, what: str) -> Tensor:
-    """``tokens`` as a ``[batch, pos]`` integer tensor of ids in ``range(d_vocab)``."""
+    """``tokens`` as a ``[batch, pos]`` integer tensor of ids in ``range(d_vocab)`` (not a cache given in
+    the wrong place)."""
     if isinstance(tokens, (ActivationCache, Mapping)):
         raise ValueError(
             f"{what} must be tokens, got a cache; the argument order is "
             "attribution_patch(model, clean_tokens_or_cache, corrupted_tokens, metric, ...)."
         )
-    if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise ValueError(f"{what} must be an integer tensor [batch, pos] of token ids, got {type(tokens).__name__}"
-                         + (f" of dtype {tokens.dtype}" if isinstance(tokens, Tensor) else ""))
-    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
-        raise ValueError(f"{what} must be [batch, pos] with batch, pos >= 1, got shape {tuple(tokens.shape)}")
-    d_vocab = model.cfg.d_vocab
-    if bool((tokens < 0).any()) or bool((tokens >= d_vocab).any()):
-        raise ValueError(f"{what} has token ids outside 0..{d_vocab - 1} (d_vocab={d_vocab}): "
-                         f"min {int(tokens.min())}, max {int(tokens.max())}")
-    return tokens
+    return token_ids(model, tokens, what)
 
 
 def _cache_lookup(model: Any, cache: Union[ActivationCache, Mapping[str, Tensor]], name: str) -> Tensor:

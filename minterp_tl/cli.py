@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -191,9 +192,12 @@ def _check_prompt(text: str, what: str, example: str) -> None:
         raise _BadInput(f"the {what} is empty; give some text, e.g. {example}")
 
 
+_MAX_TOP_K = 1000
+
+
 def _check_top_k(top_k: int) -> None:
-    if top_k < 1:
-        raise _BadInput(f"--top-k must be >= 1, got {top_k}")
+    if not 1 <= top_k <= _MAX_TOP_K:
+        raise _BadInput(f"--top-k must be in 1..{_MAX_TOP_K}, got {top_k}")
 
 
 def _check_common(args: argparse.Namespace, command: str) -> None:
@@ -207,7 +211,18 @@ def _out_path(value: str, option: str, suffix: str) -> Path:
     path = Path(value)
     if path.suffix.lower() != suffix or not path.parent.is_dir():
         raise _BadInput(f"{option} must be a {suffix} path in an existing directory, got {value!r}")
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise _BadInput(f"{option} {value!r} exists and is not a file; give a new file name")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise _BadInput(f"{option} {value!r} cannot be written (no permission in {str(path.parent)!r})")
     return path
+
+
+def _prompt_tokens(model: Any, text: str, option: str = "prompt") -> Any:
+    """``text`` tokenized in full: a prompt longer than the model's context is :class:`_BadInput`."""
+    from minterp_tl._checks import text_tokens
+
+    return _checked(option, lambda: text_tokens(model, text, option))
 
 
 def _check_spec(value: Optional[str], option: str, what: str) -> None:
@@ -267,6 +282,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = _load_text_model(args)
     load_s = time.perf_counter() - start
+    tokens_in = _prompt_tokens(model, args.prompt)
     info = model_info(model)
     print(f"model        {info.name}")
     print(f"parameters   {info.n_params_estimate:,}")
@@ -276,7 +292,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"d_vocab      {info.d_vocab}")
     print(f"load time    {load_s:.1f} s")
     with torch.no_grad():
-        logits = model(args.prompt)
+        logits = model(tokens_in)
     probs = logits[0, -1].float().softmax(-1)
     top = probs.topk(min(args.top_k, probs.numel()))
     tokens = [model.tokenizer.decode([idx]) for idx in top.indices.tolist()]
@@ -321,10 +337,10 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     _check_common(args, "lens")
     out = _out_path(args.out, "--out", ".png")
     model = _load_text_model(args)
-    lens = logit_lens(model, args.prompt)
+    lens = logit_lens(model, _prompt_tokens(model, args.prompt))
     answer = args.answer
     if answer is None:
-        answer = int(lens.logits[-1, 0, -1].argmax())
+        answer = int(lens.top_k(1, prompt=0, position=-1)[1][-1, 0, 0, 0])  # the model's own top token
     try:
         table = lens.table(position=-1, k=args.top_k, answer=answer)
     except ValueError as err:
@@ -374,7 +390,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     out = _out_path(args.out, "--out", ".png")
     model = _load_text_model(args)
 
-    clean_tokens, corrupted_tokens = model.to_tokens(args.clean), model.to_tokens(args.corrupted)
+    clean_tokens = _prompt_tokens(model, args.clean, "clean prompt")
+    corrupted_tokens = _prompt_tokens(model, args.corrupted, "corrupted prompt")
     n_clean, n_corrupted = clean_tokens.shape[1], corrupted_tokens.shape[1]
     if n_clean != n_corrupted:
         raise _BadInput(f"the clean and corrupted prompts must have the same number of tokens: the clean prompt has "
@@ -484,6 +501,7 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     out = _out_path(args.out, "--out", ".png")
     json_path = _out_path(args.json, "--json", ".json") if args.json else None
     model = _load_text_model(args)
+    _prompt_tokens(model, args.prompt)
     llm = TransformerLensTransparentLlm(model)
     start = time.perf_counter()
     llm.run([args.prompt])

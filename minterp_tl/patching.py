@@ -60,6 +60,7 @@ from transformer_lens.patching import (
 )
 from transformer_lens.utilities import get_act_name
 
+from minterp_tl._checks import positive_int, token_ids
 from minterp_tl._files import save_png
 from minterp_tl.fast_path import CorruptedRun, FastPathStatus, check, last_status
 from minterp_tl.names import resolve_name
@@ -118,12 +119,8 @@ def copies_per_forward(
         memory_budget: Bytes a forward may use (default: a quarter of the free memory).
     """
     device = torch.device(model.cfg.device)
-    if max_batch is None:
-        max_batch = 512 if device.type == "cuda" else 128
-    if memory_budget is None:
-        memory_budget = _free_memory(device) // 4
-    if max_batch < 1 or memory_budget < 1:
-        raise ValueError(f"max_batch and memory_budget must be positive, got {max_batch} and {memory_budget}.")
+    max_batch = (512 if device.type == "cuda" else 128) if max_batch is None else positive_int(max_batch, "max_batch")
+    memory_budget = _free_memory(device) // 4 if memory_budget is None else positive_int(memory_budget, "memory_budget")
     by_memory = memory_budget // (batch * _bytes_per_sequence(model, n_pos))
     return int(max(1, min(max_batch // batch, by_memory)))
 
@@ -364,8 +361,8 @@ def generic_activation_patch(
     want_result = has_metric_axis or reduce == "none" or baseline
     if want_result and return_index_df:
         raise ValueError("return_index_df only applies to the tensor return; a PatchingResult carries index_df")
-    if corrupted_tokens.ndim != 2:
-        raise ValueError(f"corrupted_tokens must be [batch, pos], got shape {tuple(corrupted_tokens.shape)}")
+    token_ids(model, corrupted_tokens, "corrupted_tokens")
+    copies_per_forward(model, 1, 1, max_batch=max_batch, memory_budget=memory_budget)  # checks both
 
     if index_df is None:
         if index_axis_names is None:
@@ -779,11 +776,17 @@ def activation_patch(
         A :class:`PatchSweep` with values ``[layers, positions]``, ``[layers, heads]`` or
         ``[layers, positions, heads]``.
     """
+    token_ids(model, corrupted_tokens, "corrupted_tokens")
+    copies_per_forward(model, 1, 1, max_batch=max_batch, memory_budget=memory_budget)  # checks both
     n_layers, n_pos = model.cfg.n_layers, int(corrupted_tokens.shape[-1])
     layer_idx = resolve(layers, n_layers, what="layer")
+    if not layer_idx:
+        raise ValueError(f"layers={layers!r} selects no layer (n_layers={n_layers}); select at least one")
     names = [resolve_name(model, hook, l) for l in layer_idx]
     pos_axis, head_axis = hook_layout(names[0], 4)
     pos_idx = None if positions is None else resolve(positions, n_pos, what="position")
+    if pos_idx is not None and not pos_idx:
+        raise ValueError(f"positions={positions!r} selects no position (n_positions={n_pos}); select at least one")
     head_idx = None
     if heads is not None:
         if head_axis is None:
@@ -791,6 +794,8 @@ def activation_patch(
         kv = getattr(model.cfg, "n_key_value_heads", None)
         n_heads = kv if kv and names[0].endswith(("hook_k", "hook_v")) else model.cfg.n_heads
         head_idx = resolve(heads, n_heads, what="head")
+        if not head_idx:
+            raise ValueError(f"heads={heads!r} selects no head (n_heads={n_heads}); select at least one")
     if pos_idx is None and head_idx is None:
         raise ValueError("activation_patch needs positions, heads, or both to sweep over.")
 

@@ -58,6 +58,9 @@ from tqdm.auto import tqdm
 from minterp_tl._files import atomic_write, save_png
 from minterp_tl.transparent import TransparentLlm
 
+MAX_PATHS = 1000
+"""The most paths :func:`strongest_paths` lists (its work grows with ``k`` times the graph's edges)."""
+
 DEFAULT_THRESHOLD = 0.04
 """The tool's default threshold ``tau``."""
 
@@ -340,8 +343,8 @@ def strongest_paths(graph: nx.DiGraph, token: int = -1, k: int = 5, threshold: O
     Returns:
         Up to ``k`` :class:`Route` objects, strongest first.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_PATHS:
+        raise ValueError(f"k must be an integer in 1..{MAX_PATHS}, got {k!r}")
     sub = paths_to_prediction(graph, token, threshold)
     end = sub.graph["target"]
     best: dict[str, list[tuple[float, tuple[str, ...]]]] = {end: [(1.0, (end,))]}

@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from minterp_tl._checks import text_tokens, token_ids
 from minterp_tl.context import RepresentationContext
 from minterp_tl.names import expand_name
 from minterp_tl.specs import SpecLike, resolve, resolve_positions
@@ -174,16 +175,16 @@ class ModelWrapper:
         model, prompts = self.model, context.prompts
         device = model.cfg.device
         if isinstance(prompts, Tensor):
-            rows = [row for row in prompts.to(device)]
+            rows = [row for row in token_ids(model, prompts, "prompts").to(device)]
         elif isinstance(prompts[0], str):
             if model.tokenizer is None:
                 raise ValueError(
                     "This model has no tokenizer, so its prompts must be token ids (a [batch, pos] "
                     f"tensor or lists of ids), not strings like {prompts[0]!r}."
                 )
-            rows = [model.to_tokens(p, prepend_bos=context.prepend_bos)[0].to(device) for p in prompts]
+            rows = [text_tokens(model, p, "prompt", context.prepend_bos)[0].to(device) for p in prompts]
         else:
-            rows = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
+            rows = [token_ids(model, torch.tensor([p], dtype=torch.long), "prompt ids")[0].to(device) for p in prompts]
         lengths = tuple(int(r.shape[0]) for r in rows)
         pad = 0
         if model.tokenizer is not None and model.tokenizer.pad_token_id is not None:

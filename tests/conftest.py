@@ -52,13 +52,15 @@ def hf_model(tmp_path_factory):
     from hf_families import FAMILIES, build
 
     built: dict[str, object] = {}
+    folders: dict[str, str] = {}
 
     def get(family: str):
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; valid: {sorted(FAMILIES)}")
         if family not in built:
-            folder = build(family, tmp_path_factory.mktemp(f"hf-{family}"))
-            built[family] = load_model(str(folder), progress=False)
+            folders[family] = str(build(family, tmp_path_factory.mktemp(f"hf-{family}")))
+            built[family] = load_model(folders[family], progress=False)
         return built[family]
 
+    get.folder = lambda family: (get(family), folders[family])[1]  # type: ignore[attr-defined]
     return get

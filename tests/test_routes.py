@@ -248,7 +248,7 @@ def test_json_round_trip_and_png(ln_graph, tmp_path):
 def test_bad_input(ln_graph, toys):
     with pytest.raises(ValueError, match="token=5 is out of range"):
         routes.paths_to_prediction(ln_graph, token=5)
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be an integer in 1..1000"):
         routes.strongest_paths(ln_graph, k=0)
     llm = TransformerLensTransparentLlm(toys["ln"])
     llm.run([PROMPTS[0]])

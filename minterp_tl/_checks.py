@@ -1,0 +1,68 @@
+"""Inputs checked at the door: one copy of the checks every entry point makes before any compute.
+
+Each raises ``ValueError`` naming the input and what would be valid; none truncates or clamps silently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+def positive_int(value: Any, what: str, *, maximum: Optional[int] = None) -> int:
+    """``value`` as an ``int >= 1`` (and ``<= maximum``); bools, floats and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value < 1 or (maximum is not None and value > maximum):
+        valid = f"1..{maximum}" if maximum is not None else ">= 1"
+        raise ValueError(f"{what} must be in {valid}, got {value}")
+    return value
+
+
+def positive_number(value: Any, what: str) -> float:
+    """``value`` as a finite number ``> 0``; bools, NaN and infinities are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _n_ctx(model: Any) -> Optional[int]:
+    n = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def token_ids(model: Any, tokens: Any, what: str = "tokens") -> Int[Tensor, "batch pos"]:
+    """``tokens`` as a ``[batch, pos]`` integer tensor of ids in ``0..d_vocab-1``, at most ``n_ctx`` long."""
+    if not isinstance(tokens, Tensor):
+        raise ValueError(f"{what} must be an integer tensor [batch, pos] of token ids, got {type(tokens).__name__}")
+    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise ValueError(f"{what} must be a non-empty [batch, pos] tensor of token ids, got shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"{what} must be an integer tensor [batch, pos] of token ids, got dtype {tokens.dtype}")
+    d_vocab = int(model.cfg.d_vocab)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= d_vocab:
+        raise ValueError(f"{what} has token ids outside 0..{d_vocab - 1} (d_vocab={d_vocab}): min {low}, max {high}")
+    n_ctx = _n_ctx(model)
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        raise ValueError(f"{what} has {tokens.shape[1]} positions, more than the model's context of {n_ctx}; "
+                         "shorten it (nothing is truncated silently)")
+    return tokens
+
+
+def text_tokens(model: Any, text: str, what: str = "prompt", prepend_bos: Optional[bool] = None) -> Int[Tensor, "1 pos"]:
+    """``model.to_tokens(text)`` without TransformerLens's silent truncation to the context: a text longer
+    than the model's context is refused, naming its length."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{what} must be a non-empty string, got {text!r}")
+    tokens = model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)
+    n_ctx = _n_ctx(model)
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        start = text[:40] + ("..." if len(text) > 40 else "")
+        raise ValueError(f"{what} {start!r} is {tokens.shape[1]} tokens, more than the model's context of {n_ctx}; "
+                         "shorten it (nothing is truncated silently)")
+    return tokens
