@@ -1,5 +1,6 @@
 """Memory grows with what is shown: a 1,000-token logit lens on a model with a 65,536-token vocabulary
-peaks at a bounded amount above the loaded model (its full logits would be 786 MB), measured as peak RSS
+peaks less than 500 MiB above the loaded model, forward pass included (its full logits alone would be 750
+MiB), measured as peak RSS
 in a fresh subprocess; path enumeration is capped (see test_input_checks)."""
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ SCRIPT = textwrap.dedent(
     hf_families._tokenizer(folder)
     model = load_model(str(folder), progress=False)
     tokens = torch.randint(3, 65536, (1, 1000), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        own = model(tokens)[0, -1]
-    del own
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     lens = logit_lens(model, tokens, memory_budget=32 * 2**20)
     table = lens.table(position=-1, k=5, answer=7)
@@ -56,4 +54,5 @@ def test_a_1000_token_lens_stays_within_its_budget(tmp_path):
     grew_mib = (result["peak_kib"] - result["base_kib"]) / 1024
     print(f"lens grew the peak RSS by {grew_mib:.0f} MiB")
     full_logits_mib = 3 * 1000 * 65536 * 4 / 2**20  # 750 MiB: what holding every cell's logits takes
-    assert grew_mib < 250, f"the lens grew the peak by {grew_mib:.0f} MiB (bound 250; full logits {full_logits_mib:.0f})"
+    # the forward pass itself (its [1000, 65536] logits included) is about 316 MiB here
+    assert grew_mib < 500, f"the lens grew the peak by {grew_mib:.0f} MiB (bound 500; full logits alone {full_logits_mib:.0f})"
