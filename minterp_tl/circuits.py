@@ -256,13 +256,21 @@ class CircuitConfig:
         """Rebuild a config written by :meth:`to_json`."""
         try:
             payload = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"CircuitConfig.from_json: not JSON ({err})") from None
+        except (TypeError, ValueError, RecursionError) as err:
+            raise ValueError(f"CircuitConfig.from_json: not JSON ({type(err).__name__})") from None
         if not isinstance(payload, dict):
             raise ValueError(f"CircuitConfig.from_json: expected a JSON object, got {type(payload).__name__}")
-        targets = tuple(t if isinstance(t, str) else (t[0], _json_spec(t[1])) for t in payload.get("target_layers", ()))
+        raw = payload.get("target_layers", ())
+        if not isinstance(raw, list) or not all(
+            isinstance(t, str) or (isinstance(t, list) and len(t) == 2 and isinstance(t[0], str)) for t in raw
+        ):
+            raise ValueError("CircuitConfig.from_json: 'target_layers' must be a list of names or [group, layers] pairs")
+        targets = tuple(t if isinstance(t, str) else (t[0], _json_spec(t[1])) for t in raw)
         allowed = {"mask_method", "mask_hparams", "freeze_base", "add_l0", "l0_lambda"}
-        return cls(target_layers=targets, **{k: v for k, v in payload.items() if k in allowed})
+        try:
+            return cls(target_layers=targets, **{k: v for k, v in payload.items() if k in allowed})
+        except (TypeError, KeyError, IndexError) as err:  # the config's own checks raise ValueError
+            raise ValueError(f"CircuitConfig.from_json: malformed config ({type(err).__name__}: {err})") from None
 
 
 def _json_spec(spec: Any) -> SpecLike:

@@ -547,6 +547,8 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
         raise _BadInput(f"--steps must be >= {_EPOCHS} (one per temperature epoch), got {args.steps}")
     if args.length < 2:
         raise _BadInput(f"--length must be >= 2, got {args.length}")
+    if not 0 <= args.seed < 2**63:
+        raise _BadInput(f"--seed must be in 0..2**63-1, got {args.seed}")
     out = _out_path(args.out, "--out", ".png")
 
     import torch
@@ -561,7 +563,7 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     if args.length > max_length:
         raise _BadInput(f"--length must be in 2..{max_length} (the model's context is {model.cfg.n_ctx}), got {args.length}")
     d_vocab = model.cfg.d_vocab - 1  # the last id is BOS
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # checked before the model was loaded
     train = [repeated_random_tokens(48, length, d_vocab, gen) for length in CIRCUIT_TRAIN_LENGTHS]
     test = repeated_random_tokens(_EVAL_SEQUENCES, args.length, d_vocab, torch.Generator().manual_seed(_EVAL_SEED))
     report = induction_report(model, args.length)

@@ -99,3 +99,29 @@ def test_malformed_json_is_a_clear_error(tmp_path, toys):
         with pytest.raises(ValueError, match="not valid JSON|unknown format"):
             Edits.load(model, folder, functions=[double])
     assert _no_edit_hooks(model)
+
+
+def test_tampered_circuit_masks_are_a_clear_error(tmp_path, toys):
+    from minterp_tl.circuits import CircuitConfig, CircuitModel
+
+    model = toys["ln"]
+    cfg = CircuitConfig(mask_hparams=dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=1.0),
+                        target_layers=("attn.W_O",))
+    with CircuitModel(cfg, model) as circuit:
+        circuit.save_masks(tmp_path / "m")
+    store = StateStore(tmp_path / "m")
+    meta, tensors = store.metadata, store.load()
+    for config in ("{", "[" * 50_000, json.dumps({"target_layers": 5}), json.dumps({"target_layers": [[1, 2]]}),
+                   json.dumps({"target_layers": ["attn.W_O"], "mask_method": "exec"}),
+                   json.dumps({"target_layers": ["attn.W_O"], "mask_hparams": []})):
+        store.save(tensors, {**meta, "config": config})
+        with pytest.raises(ValueError):
+            CircuitModel.load(tmp_path / "m", model)
+        assert _no_edit_hooks(model) and all(p.grad is None for p in model.parameters())
+
+
+def test_cli_circuit_seed_out_of_range_is_refused(capsys):
+    from minterp_tl.cli import main
+
+    assert main(["circuit", "--seed", str(10**30), "--no-progress"]) == 2
+    assert "--seed must be in" in capsys.readouterr().err
