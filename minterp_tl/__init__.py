@@ -1,51 +1,101 @@
 """minterp_tl: mechanistic interpretability on TransformerLens 4."""
 
-from minterp_tl import attribution, circuits, lens, patching, routes, transparent
-from minterp_tl.attribution import AttributionSweep, attribution_patch
-from minterp_tl.circuits import CircuitConfig, CircuitModel, SubnetworkHistory, find_subnetwork
-from minterp_tl.context import RepresentationContext
-from minterp_tl.edits import Edit, Edits
-from minterp_tl.lens import LensResult, logit_lens
-from minterp_tl.models import (
-    DEFAULT_MODEL,
-    InductionReport,
-    ModelInfo,
-    induction_report,
-    load_model,
-    model_info,
-    toy_model,
-    train_induction_model,
-)
-from minterp_tl.patching import PatchSweep, activation_patch
-from minterp_tl.names import (
-    canonical_names,
-    expand_name,
-    resolve_name,
-    resolve_names,
-    short_name,
-)
-from minterp_tl.routes import Route, build_graph, paths_to_prediction, plot_routes, strongest_paths
-from minterp_tl.specs import Token
-from minterp_tl.transparent import TransformerLensTransparentLlm, TransparentLlm
-from minterp_tl.store import LazyTensor, SaveReport, StateStore, tensor_hash
-from minterp_tl.state import (
-    Add,
-    Compose,
-    LoadRule,
-    MeanOverBatch,
-    SavedState,
-    SaveRule,
-    Scale,
-    StateConfig,
-    StateManager,
-)
-from minterp_tl.wrapper import (
-    Experiment,
-    ExperimentResult,
-    ModelWrapper,
-    Phase,
-    RunResult,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Nothing heavy is imported here: each name is imported from its module on first use (PEP 562), so
+# `import minterp_tl` and `minterp-tl --help` load neither torch nor TransformerLens, matplotlib or networkx.
+_MODULES = ("attribution", "circuits", "lens", "patching", "routes", "transparent")
+_EXPORTS: dict[str, str] = {
+    "AttributionSweep": "attribution",
+    "attribution_patch": "attribution",
+    "CircuitConfig": "circuits",
+    "CircuitModel": "circuits",
+    "SubnetworkHistory": "circuits",
+    "find_subnetwork": "circuits",
+    "RepresentationContext": "context",
+    "Edit": "edits",
+    "Edits": "edits",
+    "LensResult": "lens",
+    "logit_lens": "lens",
+    "DEFAULT_MODEL": "models",
+    "InductionReport": "models",
+    "ModelInfo": "models",
+    "induction_report": "models",
+    "load_model": "models",
+    "model_info": "models",
+    "toy_model": "models",
+    "train_induction_model": "models",
+    "canonical_names": "names",
+    "expand_name": "names",
+    "resolve_name": "names",
+    "resolve_names": "names",
+    "short_name": "names",
+    "PatchSweep": "patching",
+    "activation_patch": "patching",
+    "Route": "routes",
+    "build_graph": "routes",
+    "paths_to_prediction": "routes",
+    "plot_routes": "routes",
+    "strongest_paths": "routes",
+    "Token": "specs",
+    "Add": "state",
+    "Compose": "state",
+    "LoadRule": "state",
+    "MeanOverBatch": "state",
+    "SavedState": "state",
+    "SaveRule": "state",
+    "Scale": "state",
+    "StateConfig": "state",
+    "StateManager": "state",
+    "LazyTensor": "store",
+    "SaveReport": "store",
+    "StateStore": "store",
+    "tensor_hash": "store",
+    "TransformerLensTransparentLlm": "transparent",
+    "TransparentLlm": "transparent",
+    "Experiment": "wrapper",
+    "ExperimentResult": "wrapper",
+    "ModelWrapper": "wrapper",
+    "Phase": "wrapper",
+    "RunResult": "wrapper",
+}
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from minterp_tl import attribution, circuits, lens, patching, routes, transparent
+    from minterp_tl.attribution import AttributionSweep, attribution_patch
+    from minterp_tl.circuits import CircuitConfig, CircuitModel, SubnetworkHistory, find_subnetwork
+    from minterp_tl.context import RepresentationContext
+    from minterp_tl.edits import Edit, Edits
+    from minterp_tl.lens import LensResult, logit_lens
+    from minterp_tl.models import DEFAULT_MODEL, InductionReport, ModelInfo, induction_report, load_model, model_info, toy_model, train_induction_model
+    from minterp_tl.names import canonical_names, expand_name, resolve_name, resolve_names, short_name
+    from minterp_tl.patching import PatchSweep, activation_patch
+    from minterp_tl.routes import Route, build_graph, paths_to_prediction, plot_routes, strongest_paths
+    from minterp_tl.specs import Token
+    from minterp_tl.state import Add, Compose, LoadRule, MeanOverBatch, SavedState, SaveRule, Scale, StateConfig, StateManager
+    from minterp_tl.store import LazyTensor, SaveReport, StateStore, tensor_hash
+    from minterp_tl.transparent import TransformerLensTransparentLlm, TransparentLlm
+    from minterp_tl.wrapper import Experiment, ExperimentResult, ModelWrapper, Phase, RunResult
+
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"minterp_tl.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'minterp_tl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"minterp_tl.{module}"), name)
+    globals()[name] = value  # later look-ups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_MODULES))
+
 
 __version__ = "0.1.0"
 

@@ -410,3 +410,24 @@ def test_every_subcommand_has_help_and_the_common_options(command, capsys):
     for option in ("--model", "--out", "--no-progress"):
         assert option in text
     assert len(text.split("options:")[0]) > 300  # a description, not just usage
+
+
+def test_import_and_help_load_nothing_heavy():
+    """``import minterp_tl`` and ``minterp-tl --help`` import neither torch nor TransformerLens, matplotlib
+    or networkx (names are imported on first use), so the help answers at once."""
+    code = (
+        "import sys\n"
+        "import minterp_tl\n"
+        "from minterp_tl.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('torch', 'transformer_lens', 'matplotlib', 'networkx') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+        "from minterp_tl import Edits, patching\n"
+        "print('LAZY', Edits.__module__, patching.__name__, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert "HEAVY []" in out.stdout and "LAZY minterp_tl.edits minterp_tl.patching True" in out.stdout
