@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
-# Nothing heavy is imported here: each name is imported from its module on first use (PEP 562), so
+# Nothing heavy is imported here: the modules are imported when a public name is first used (PEP 562), so
 # `import minterp_tl` and `minterp-tl --help` load neither torch nor TransformerLens, matplotlib or networkx.
 _MODULES = ("attribution", "circuits", "lens", "patching", "routes", "transparent")
 _EXPORTS: dict[str, str] = {
@@ -83,13 +82,27 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
 
 
 def __getattr__(name: str) -> Any:
-    if name in _MODULES:
-        return importlib.import_module(f"minterp_tl.{name}")
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _MODULES and name not in _EXPORTS:
         raise AttributeError(f"module 'minterp_tl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"minterp_tl.{module}"), name)
-    globals()[name] = value  # later look-ups are plain attribute reads
+    # The first public name asked for loads the modules (static imports; each binds its module here).
+    import minterp_tl.attribution
+    import minterp_tl.circuits
+    import minterp_tl.context
+    import minterp_tl.edits
+    import minterp_tl.lens
+    import minterp_tl.models
+    import minterp_tl.names
+    import minterp_tl.patching
+    import minterp_tl.routes
+    import minterp_tl.specs
+    import minterp_tl.state
+    import minterp_tl.store
+    import minterp_tl.transparent
+    import minterp_tl.wrapper  # noqa: F401
+
+    here = globals()
+    value = here[name] if name in _MODULES else getattr(here[_EXPORTS[name]], name)
+    here[name] = value  # later look-ups are plain attribute reads
     return value
 
 

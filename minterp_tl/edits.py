@@ -47,11 +47,11 @@ Every field of the file is type-checked, and every tensor is checked against its
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import json
 import math
 import re
+import sys
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -230,59 +230,13 @@ def _json_spec(spec: SpecLike, what: str) -> SpecJSON:
 
 
 def function_path(fn: Callable) -> Optional[str]:
-    """``"module:qualname"`` of ``fn`` if importing it gives ``fn`` back, else ``None`` (lambdas,
-    functions defined inside functions, objects without a module)."""
+    """``"module:name"`` of ``fn`` if it is a plain function at the top level of an imported module (the
+    name a saved edit records), else ``None`` (lambdas, nested functions, methods, builtins). Nothing is
+    imported: the module must already be loaded, as the module of a function you hold is."""
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if not module or not qualname or "<" in qualname:
+    if not inspect.isfunction(fn) or not module or not qualname or not _FUNCTION_PATH.fullmatch(f"{module}:{qualname}"):
         return None
-    path = f"{module}:{qualname}"
-    try:
-        return path if import_function(path) is fn else None
-    except ValueError:
-        return None
-
-
-def import_function(path: str, allowed_modules: Optional[Sequence[str]] = None) -> EditFunction:
-    """Import the function at ``"package.module:qualname"``.
-
-    Args:
-        path: Module path, a colon, and the attribute path inside the module.
-        allowed_modules: If given, the module must be one of these or inside one of these packages.
-
-    Returns:
-        The function (a plain Python function: ``def`` in some module).
-
-    Raises:
-        ValueError: If ``path`` is malformed, its module is not allowed or cannot be imported, the
-            attribute is missing, or it is not a plain Python function (builtins, classes and other
-            callables are refused).
-    """
-    if not isinstance(path, str) or not _FUNCTION_PATH.fullmatch(path):
-        raise ValueError(
-            f"function path must look like 'package.module:function' (a function at the top level of a module), "
-            f"got {path!r}."
-        )
-    module_name, qualname = path.split(":")
-    if allowed_modules is not None and not any(
-        module_name == m or module_name.startswith(m + ".") for m in allowed_modules
-    ):
-        raise ValueError(
-            f"function {path!r} is refused: its module is not in allowed_modules={list(allowed_modules)}."
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as err:
-        raise ValueError(f"function {path!r} cannot be imported: {type(err).__name__}: {err}.") from None
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"function {path!r} cannot be imported: module {module_name!r} has no {qualname!r}.")
-        obj = getattr(obj, part)
-    if not inspect.isfunction(obj):
-        raise ValueError(
-            f"function {path!r} is a {type(obj).__name__}, not a Python function; edits only call "
-            "functions defined with def."
-        )
-    return obj
+    return f"{module}:{qualname}" if getattr(sys.modules.get(module), qualname, None) is fn else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,18 +478,14 @@ class Edits:
         Args:
             name: The edit's name.
             state: The hook.
-            fn: A function, or its import path ``"package.module:function"``. A function without an
-                import path (lambda, local function) works but cannot be saved.
+            fn: The function. One defined at the top level of a module can be saved (by its
+                ``"module:name"``); a lambda or local function works but cannot be saved.
             layers: Layer spec (``None``: every layer).
             kwargs: Keyword arguments for ``fn``; JSON values (saved with the edit).
         """
-        path = fn if isinstance(fn, str) else None
-        if isinstance(fn, str):
-            fn = import_function(fn)
-        elif callable(fn):
-            path = function_path(fn)
-        else:
-            raise ValueError(f"add_function fn must be a function or 'module:function', got {fn!r}.")
+        if not callable(fn) or isinstance(fn, str):
+            raise ValueError(f"add_function fn must be the function itself (nothing is imported by name), got {fn!r}.")
+        path = function_path(fn)
         kwargs = dict(kwargs or {})
         try:
             if json.loads(json.dumps(kwargs)) != kwargs:
@@ -917,4 +867,4 @@ def _read_manifest(text: Any, where: str) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["Edit", "EditFunction", "EditKind", "Edits", "function_path", "import_function"]
+__all__ = ["Edit", "EditFunction", "EditKind", "Edits", "function_path"]

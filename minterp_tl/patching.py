@@ -101,6 +101,14 @@ def _bytes_per_sequence(model: Any, n_pos: int) -> int:
     return 4 * floats
 
 
+def _check_sizes(max_batch: Optional[int], memory_budget: Optional[int]) -> None:
+    """``max_batch`` and ``memory_budget`` are ``None`` or positive integers (checked before any compute)."""
+    if max_batch is not None:
+        positive_int(max_batch, "max_batch")
+    if memory_budget is not None:
+        positive_int(memory_budget, "memory_budget")
+
+
 def copies_per_forward(
     model: Any,
     batch: int,
@@ -118,9 +126,10 @@ def copies_per_forward(
         max_batch: The most sequences in one forward (default 128 on CPU and 512 on GPU).
         memory_budget: Bytes a forward may use (default: a quarter of the free memory).
     """
+    _check_sizes(max_batch, memory_budget)
     device = torch.device(model.cfg.device)
-    max_batch = (512 if device.type == "cuda" else 128) if max_batch is None else positive_int(max_batch, "max_batch")
-    memory_budget = _free_memory(device) // 4 if memory_budget is None else positive_int(memory_budget, "memory_budget")
+    max_batch = (512 if device.type == "cuda" else 128) if max_batch is None else max_batch
+    memory_budget = _free_memory(device) // 4 if memory_budget is None else memory_budget
     by_memory = memory_budget // (batch * _bytes_per_sequence(model, n_pos))
     return int(max(1, min(max_batch // batch, by_memory)))
 
@@ -362,7 +371,7 @@ def generic_activation_patch(
     if want_result and return_index_df:
         raise ValueError("return_index_df only applies to the tensor return; a PatchingResult carries index_df")
     token_ids(model, corrupted_tokens, "corrupted_tokens")
-    copies_per_forward(model, 1, 1, max_batch=max_batch, memory_budget=memory_budget)  # checks both
+    _check_sizes(max_batch, memory_budget)
 
     if index_df is None:
         if index_axis_names is None:
@@ -777,7 +786,7 @@ def activation_patch(
         ``[layers, positions, heads]``.
     """
     token_ids(model, corrupted_tokens, "corrupted_tokens")
-    copies_per_forward(model, 1, 1, max_batch=max_batch, memory_budget=memory_budget)  # checks both
+    _check_sizes(max_batch, memory_budget)
     n_layers, n_pos = model.cfg.n_layers, int(corrupted_tokens.shape[-1])
     layer_idx = resolve(layers, n_layers, what="layer")
     if not layer_idx:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from minterp_tl.edits import Edits, function_path, import_function
+from minterp_tl.edits import Edits, function_path
 from minterp_tl.models import induction_report
 from minterp_tl.specs import Token
 from minterp_tl.store import StateStore
@@ -198,7 +198,7 @@ def test_save_load_round_trip(tmp_path, toys):
     edits.ablate("heads", "z", layers=[1, 3], heads="1:3")
     edits.ablate("mean", "mlp_post", layers=2, neurons=[0, 4, 9], how="mean", reference=_tokens(model, 3, 5, 9))
     edits.steer("steer", "resid_pre", torch.randn(model.cfg.d_model).to(torch.bfloat16), layers="last", positions=slice(1, None))
-    edits.add_function("fn", "hook_embed", "test_edits:scale_by", kwargs={"factor": 1.5})
+    edits.add_function("fn", "hook_embed", scale_by, kwargs={"factor": 1.5})
     edits.set_state("set", "blocks.0.hook_attn_out", torch.randn(1, 1, model.cfg.d_model), positions=0)
     edits.disable("mean")
     edited = model(tokens)
@@ -250,7 +250,9 @@ def test_unsaveable_and_bad_edits_are_refused(tmp_path, toys):
     edits.add_function("lam", "resid_pre", lambda x, hook: x, layers=0)
     with pytest.raises(ValueError, match="no import path"):
         edits.save(tmp_path / "x")
-    assert function_path(scale_by) == "test_edits:scale_by" and import_function("test_edits:scale_by") is scale_by
+    assert function_path(scale_by) == "test_edits:scale_by" and function_path(print) is None
+    with pytest.raises(ValueError, match="nothing is imported by name"):
+        edits.add_function("by_name", "resid_pre", "test_edits:scale_by", layers=0)
     with pytest.raises(ValueError, match="already exists"):
         edits.ablate("lam", "z", layers=0)
     with pytest.raises(ValueError, match="resid_pre"):  # closest names suggested
