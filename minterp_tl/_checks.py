@@ -5,7 +5,9 @@ Each raises ``ValueError`` naming the input and what would be valid; none trunca
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
@@ -66,3 +68,21 @@ def text_tokens(model: Any, text: str, what: str = "prompt", prepend_bos: Option
         raise ValueError(f"{what} {start!r} is {tokens.shape[1]} tokens, more than the model's context of {n_ctx}; "
                          "shorten it (nothing is truncated silently)")
     return tokens
+
+
+def index(value: Any, n: int, what: str) -> int:
+    """``value`` as an index into ``n`` items, negatives counted from the end (``-1`` is the last): an
+    ``int`` in ``-n..n-1``, returned as ``0..n-1``; anything else is refused, naming the valid range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer index, got {value!r} ({type(value).__name__})")
+    if not -n <= value < n:
+        valid = f"0..{n - 1} (or {-n}..-1)" if n > 0 else "none: there are no items"
+        raise ValueError(f"{what}={value} is out of range for {n} item(s); valid: {valid}")
+    return value % n
+
+
+def did_you_mean(value: Any, options: Iterable[str], *, n: int = 3, cutoff: float = 0.6) -> str:
+    """``" (did you mean 'a' or 'b'?)"`` for the options closest to ``value``, or ``""`` if none is close:
+    the one "did you mean" of every error message that names an unknown word."""
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=n, cutoff=cutoff)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
