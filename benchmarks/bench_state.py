@@ -61,7 +61,7 @@ def _runner(model, tokens: torch.Tensor, config: str):
     if config == "run_with_cache":
         return lambda: model.run_with_cache(tokens)
     k = int(config.split()[1])
-    ctx = RepresentationContext(tokens, layers=_layers(k, model.cfg.n_layers), states=("resid_post",))
+    ctx = RepresentationContext(tokens, layers=_layers(k, model.cfg.n_layers), hooks=("resid_post",))
     return lambda: wrapper.run(ctx, StateManager())
 
 

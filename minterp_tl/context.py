@@ -2,7 +2,7 @@
 
 An experiment is several forward passes that hand states to each other (run clean and save, run
 corrupted and patch, ...). Each pass is described by a :class:`RepresentationContext`: which prompts
-to run, and by default which layers, positions and heads to look at and which states (hook names).
+to run, and by default which layers, positions and heads to look at and which hooks.
 The next phase is ``context.clone(prompts=corrupted)``.
 
 A context holds specs, not indices: ``layers="n//3:"`` means "the last two thirds of the layers of
@@ -12,7 +12,7 @@ with the errors of :mod:`minterp_tl.specs` and :mod:`minterp_tl.names`.
 
 What is *done* with the states (saved, patched in, dropped) is the business of
 :class:`minterp_tl.state.StateConfig`; a context alone, run by ``ModelWrapper.run(context)``, saves
-its ``states`` at its ``layers`` / ``positions`` / ``heads``.
+the activations at its ``hooks`` at its ``layers`` / ``positions`` / ``heads``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from minterp_tl import _deprecated
 from minterp_tl.specs import SpecLike, check_spec
 
 Prompts = Union[str, Sequence[str], Int[Tensor, "batch pos"], Sequence[Sequence[int]]]
@@ -34,9 +35,10 @@ Prompts = Union[str, Sequence[str], Int[Tensor, "batch pos"], Sequence[Sequence[
 (or ``[pos]``), or a list of token-id lists of different lengths (they are padded on the right)."""
 
 
+@_deprecated.renamed_field("states", "hooks")
 @dataclass(frozen=True, eq=False)
 class RepresentationContext:
-    """One phase: the prompts and the default layers / positions / heads / states to act on.
+    """One phase: the prompts and the default layers / positions / heads / hooks to act on.
 
     Args:
         prompts: The inputs (see :data:`Prompts`). Strings are tokenized by the model (SmolLM2
@@ -50,10 +52,10 @@ class RepresentationContext:
         heads: Head spec resolved against the hook's number of heads (``n_heads``, or the number of
             key/value heads for ``hook_k`` / ``hook_v``). Applies only to hooks with a head axis
             (``z``, ``q``, ``k``, ``v``, ``pattern``, ``attn_scores``, ``result``).
-        states: Hook names, in any form :func:`minterp_tl.names.resolve_name` accepts: per-layer
+        hooks: Hook names, in any form :func:`minterp_tl.names.resolve_name` accepts: per-layer
             names without a layer (``"resid_pre"``, ``"z"``, ``"layers.{l}.mlp"`` style is given as
             ``"mlp_out"``) are taken at every layer of ``layers``; full names (``"hook_embed"``,
-            ``"blocks.3.hook_resid_post"``) are taken once.
+            ``"blocks.3.hook_resid_post"``) are taken once. (``states=`` is the deprecated spelling.)
         metadata: Free-form notes carried along (a read-only mapping).
         name: The phase name; :class:`minterp_tl.wrapper.ModelWrapper` uses it to pick the phase's
             :class:`~minterp_tl.state.StateConfig` when no phase is passed.
@@ -61,27 +63,27 @@ class RepresentationContext:
 
     Raises:
         ValueError: On prompts of the wrong type, an empty batch, a spec that is not valid syntax, or
-            states that are not strings.
+            hooks that are not strings.
     """
 
     prompts: Prompts
     layers: SpecLike = "all"
     positions: SpecLike = "all"
     heads: SpecLike = "all"
-    states: tuple[str, ...] = ("resid_post",)
+    hooks: tuple[str, ...] = ("resid_post",)
     metadata: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
     prepend_bos: Optional[bool] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", _check_prompts(self.prompts))
-        states = (self.states,) if isinstance(self.states, str) else self.states
-        if not isinstance(states, Sequence) or not all(isinstance(s, str) for s in states):
+        hooks = (self.hooks,) if isinstance(self.hooks, str) else self.hooks
+        if not isinstance(hooks, Sequence) or not all(isinstance(h, str) for h in hooks):
             raise ValueError(
-                f"RepresentationContext states must be hook names (strings), got {self.states!r}; "
-                "e.g. states=('resid_pre', 'attn.hook_z')."
+                f"RepresentationContext hooks must be hook names (strings), got {self.hooks!r}; "
+                "e.g. hooks=('resid_pre', 'attn.hook_z')."
             )
-        object.__setattr__(self, "states", tuple(states))
+        object.__setattr__(self, "hooks", tuple(hooks))
         check_spec(self.layers, "layer")
         check_spec(self.positions, "position")
         check_spec(self.heads, "head")
@@ -94,6 +96,9 @@ class RepresentationContext:
         it). Unknown field names raise ``ValueError`` listing the fields.
         """
         fields = [f.name for f in dataclasses.fields(self)]
+        if "states" in overrides:
+            _deprecated.warn("RepresentationContext.clone(states=...)", "hooks=...")
+            overrides["hooks"] = overrides.pop("states")
         unknown = sorted(set(overrides) - set(fields))
         if unknown:
             raise ValueError(
@@ -119,7 +124,7 @@ class RepresentationContext:
             prompts = f"[{shown}{', ...' if len(self.prompts) > 3 else ''}] ({len(self.prompts)})"
         return (
             f"RepresentationContext(name={self.name!r}, prompts={prompts}, layers={self.layers!r}, "
-            f"positions={self.positions!r}, heads={self.heads!r}, states={self.states!r})"
+            f"positions={self.positions!r}, heads={self.heads!r}, hooks={self.hooks!r})"
         )
 
 

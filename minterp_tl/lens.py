@@ -293,7 +293,7 @@ def logit_lens(
     n = int(model.cfg.n_layers)
     ctx = RepresentationContext(
         prompts, layers="all", positions=positions,
-        states=("resid_pre", f"blocks.{n - 1}.hook_resid_post"), prepend_bos=prepend_bos,
+        hooks=("resid_pre", f"blocks.{n - 1}.hook_resid_post"), prepend_bos=prepend_bos,
     )
     manager = StateManager()
     out = ModelWrapper(model).run(ctx, manager, return_logits=False)

@@ -44,13 +44,18 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from minterp_tl import _deprecated
+from minterp_tl import hooks as _hooks
+from minterp_tl.interventions import Intervention
 from minterp_tl.specs import SpecLike, check_spec
 from minterp_tl.store import SaveReport, StateStore
 
 Transform = Callable[[Tensor], Tensor]
 """A function applied to a saved state before it is loaded: saved selection -> value to write."""
 
-Mode = Literal["replace", "add"]
+Mode = Literal["set", "add"]
+"""How a :class:`LoadRule` writes: ``"set"`` the selection to the value, or ``"add"`` it (``"replace"`` is
+the deprecated spelling of ``"set"``)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,13 +112,15 @@ class Compose:
 # --------------------------------------------------------------------------------------------------
 
 
+@_deprecated.renamed_field("state", "hook")
 @dataclass(frozen=True)
 class SaveRule:
     """Copy a state out of the run into the :class:`StateManager`.
 
     Args:
-        state: A hook name in any form :func:`minterp_tl.names.resolve_name` accepts; per-layer names
-            are taken at each of ``layers``. ``None``: each of the context's ``states``.
+        hook: A hook name in any form :func:`minterp_tl.names.resolve_name` accepts; per-layer names
+            are taken at each of ``layers``. ``None``: each of the context's ``hooks``. (``state=`` is
+            the deprecated spelling.)
         layers: Layer spec (``None``: the context's).
         positions: Position spec (``None``: the context's). ``"all"`` saves every position.
         heads: Head spec for hooks with a head axis (``None``: the context's).
@@ -122,7 +129,7 @@ class SaveRule:
             instead of replacing it (collect activations over several runs).
     """
 
-    state: Optional[str] = None
+    hook: Optional[str] = None
     layers: SpecLike = None
     positions: SpecLike = None
     heads: SpecLike = None
@@ -133,12 +140,13 @@ class SaveRule:
         _check_rule_specs(self)
 
 
+@_deprecated.renamed_field("state", "hook")
 @dataclass(frozen=True)
 class LoadRule:
     """Write a saved state into the run at a hook (activation patching, steering).
 
     Args:
-        state: The hook to write at, as in :class:`SaveRule` (``None``: the context's ``states``).
+        hook: The hook to write at, as in :class:`SaveRule` (``None``: the context's ``hooks``).
         layers: Layers to write at (``None``: the context's).
         positions: Positions to write at, per prompt (``None``: the context's).
         heads: Heads to write at (``None``: the context's).
@@ -153,7 +161,7 @@ class LoadRule:
             used as it is.
         transform: Applied to the saved selection before writing (:class:`Scale`,
             :class:`MeanOverBatch`, ...).
-        mode: ``"replace"`` sets the activation to the value; ``"add"`` adds the value to it.
+        mode: ``"set"`` sets the selection to the value; ``"add"`` adds the value to it (steering).
         pop: Forget the saved state after this phase.
 
     The value written must broadcast (torch rules) to the selected region of the activation: a saved
@@ -161,7 +169,7 @@ class LoadRule:
     ``ValueError`` naming both shapes.
     """
 
-    state: Optional[str] = None
+    hook: Optional[str] = None
     layers: SpecLike = None
     positions: SpecLike = None
     heads: SpecLike = None
@@ -170,15 +178,18 @@ class LoadRule:
     source_layers: SpecLike = None
     source_positions: SpecLike = None
     transform: Optional[Transform] = None
-    mode: Mode = "replace"
+    mode: Mode = "set"
     pop: bool = False
 
     def __post_init__(self) -> None:
         _check_rule_specs(self)
         check_spec(self.source_layers, "layer")
         check_spec(self.source_positions, "position")
-        if self.mode not in ("replace", "add"):
-            raise ValueError(f"LoadRule mode must be 'replace' or 'add', got {self.mode!r}.")
+        if self.mode == "replace":
+            _deprecated.warn("LoadRule(mode='replace')", "mode='set'")
+            object.__setattr__(self, "mode", "set")
+        if self.mode not in ("set", "add"):
+            raise ValueError(f"LoadRule mode must be 'set' or 'add', got {self.mode!r}.")
         if self.transform is not None and not callable(self.transform):
             raise ValueError(f"LoadRule transform must be callable, got {self.transform!r}.")
         if self.source is not None and (self.source_layers is not None or self.source_positions is not None):
@@ -190,8 +201,8 @@ class LoadRule:
 
 def _check_rule_specs(rule: Union[SaveRule, LoadRule]) -> None:
     kind = type(rule).__name__
-    if rule.state is not None and not isinstance(rule.state, str):
-        raise ValueError(f"{kind} state must be a hook name (str) or None, got {rule.state!r}.")
+    if rule.hook is not None and not isinstance(rule.hook, str):
+        raise ValueError(f"{kind} hook must be a hook name (str) or None, got {rule.hook!r}.")
     if not isinstance(rule.tag, str):
         raise ValueError(f"{kind} tag must be a str, got {rule.tag!r}.")
     check_spec(rule.layers, "layer")
@@ -208,17 +219,25 @@ class StateConfig:
             saves the context's ``states`` (``SaveRule()``).
         load: :class:`LoadRule` objects, or hook names as shorthand for ``LoadRule(name)``.
         drop: Keys (``"blocks.3.hook_resid_pre"``) or tags (``"clean"``) to forget after the phase.
+        interventions: :class:`~minterp_tl.interventions.Intervention` records applied in this run
+            (steer, ablate, set, scale, a function), positions per prompt as everywhere.
 
-    Within one hook, loads are applied before saves, so a save sees what the model used.
+    Within one hook, loads are applied first, then interventions, then saves, so a save sees what the
+    model used.
     """
 
     save: tuple[SaveRule, ...] = ()
     load: tuple[LoadRule, ...] = ()
     drop: tuple[str, ...] = ()
+    interventions: tuple[Intervention, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "save", _rules(self.save, SaveRule, "save"))
         object.__setattr__(self, "load", _rules(self.load, LoadRule, "load"))
+        items = (self.interventions,) if isinstance(self.interventions, Intervention) else tuple(self.interventions)
+        if not all(isinstance(i, Intervention) for i in items):
+            raise ValueError(f"StateConfig interventions must be Intervention records, got {self.interventions!r}.")
+        object.__setattr__(self, "interventions", items)
         drop = (self.drop,) if isinstance(self.drop, str) else tuple(self.drop)
         if not all(isinstance(d, str) for d in drop):
             raise ValueError(f"StateConfig drop must be keys or tags (strings), got {self.drop!r}.")
@@ -369,9 +388,10 @@ class StateManager:
             state = _concat(old, state)
         self._states[state.key] = state
 
-    def entry(self, name: str, tag: str = "") -> SavedState:
+    def entry(self, name: str, *legacy: str, tag: str = "") -> SavedState:
         """The :class:`SavedState` under ``(tag, name)``; a missing key raises ``ValueError`` listing
-        the closest keys held."""
+        the closest keys held. (``tag`` is keyword-only: ``entry(name, tag="clean")``.)"""
+        tag = _tag(legacy, tag, "entry")
         key = (tag, name)
         if key not in self._states:
             held = [format_key(*k) for k in self._states]
@@ -384,13 +404,14 @@ class StateManager:
             )
         return self._states[key]
 
-    def get(self, name: str, tag: str = "") -> Tensor:
+    def get(self, name: str, *legacy: str, tag: str = "") -> Tensor:
         """The tensor under ``(tag, name)``."""
-        return self.entry(name, tag).tensor
+        return self.entry(name, tag=_tag(legacy, tag, "get")).tensor
 
-    def pop(self, name: str, tag: str = "") -> Tensor:
+    def pop(self, name: str, *legacy: str, tag: str = "") -> Tensor:
         """Remove and return the tensor under ``(tag, name)``."""
-        tensor = self.entry(name, tag).tensor
+        tag = _tag(legacy, tag, "pop")
+        tensor = self.entry(name, tag=tag).tensor
         del self._states[(tag, name)]
         return tensor
 
@@ -470,12 +491,23 @@ class StateManager:
                     SavedState(tensor, name, tag, old.positions, old.heads, old.pos_axis, old.head_axis, old.str_tokens)
                 )
             else:
-                pos_axis, head_axis = hook_layout(name, tensor.ndim)
+                pos_axis, head_axis = _hooks.hook_layout(name, tensor.ndim)
                 self.set(SavedState(tensor.detach(), name, tag, None, None, pos_axis, head_axis))
 
     # ---- on disk (minterp_tl.store) -------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> SaveReport:
-        """Save every held state to a :class:`minterp_tl.store.StateStore` at ``path`` (a directory).
+        """Deprecated spelling of :meth:`write` (``save`` / ``load`` name what a phase keeps and puts back)."""
+        _deprecated.warn("StateManager.save(path)", "StateManager.write(path)")
+        return self.write(path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> StateManager:
+        """Deprecated spelling of :meth:`read`."""
+        _deprecated.warn("StateManager.load(path)", "StateManager.read(path)")
+        return cls.read(path)
+
+    def write(self, path: Union[str, os.PathLike]) -> SaveReport:
+        """Write every held state to a :class:`minterp_tl.store.StateStore` at ``path`` (a directory).
 
         Each state's tensor is stored under its display key (``"name"`` or ``"tag/name"``, see
         :func:`format_key`), its positions (if any) under ``key + "#positions"``; tags, heads, axes and
@@ -527,12 +559,12 @@ class StateManager:
         return StateStore(path).save(tensors, metadata)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> StateManager:
-        """A new manager holding the states saved at ``path`` by :meth:`save` (every tensor verified
+    def read(cls, path: Union[str, os.PathLike]) -> StateManager:
+        """A new manager holding the states written at ``path`` by :meth:`write` (every tensor verified
         against its content hash; selections, tags and token strings restored; no phase configs).
 
         Raises:
-            ValueError: If ``path`` holds no store, a store not written by :meth:`save`, or a damaged
+            ValueError: If ``path`` holds no store, a store not written by :meth:`write`, or a damaged
                 file (the message names the tensor).
         """
         store = StateStore(path)
@@ -540,7 +572,7 @@ class StateManager:
         metadata = store.metadata
         if metadata.get("minterp_tl.kind") != "StateManager":
             raise ValueError(
-                f"The store at {str(path)!r} was not written by StateManager.save (its metadata has no "
+                f"The store at {str(path)!r} was not written by StateManager.write (its metadata has no "
                 "'minterp_tl.kind': 'StateManager')."
             )
         manager = cls()
@@ -565,6 +597,16 @@ class StateManager:
                              f"({type(err).__name__}: {str(err)[:120]}).") from None
         return manager
 
+def _tag(legacy: tuple[str, ...], tag: str, method: str) -> str:
+    """``tag``, or the deprecated positional tag of ``StateManager.<method>(name, tag)``."""
+    if not legacy:
+        return tag
+    if len(legacy) > 1 or tag:
+        raise TypeError(f"StateManager.{method} takes the name and tag= only, got {legacy!r}.")
+    _deprecated.warn(f"StateManager.{method}(name, tag)", f"StateManager.{method}(name, tag=tag)")
+    return legacy[0]
+
+
 def _concat(old: SavedState, new: SavedState) -> SavedState:
     key = format_key(*new.key)
     if old.tensor.shape[1:] != new.tensor.shape[1:]:
@@ -584,124 +626,6 @@ def _concat(old: SavedState, new: SavedState) -> SavedState:
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Selecting from and writing into activations
-# --------------------------------------------------------------------------------------------------
-
-_HEAD_FIRST = ("attn.hook_pattern", "attn.hook_attn_scores")
-_HEAD_SECOND = (
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result",
-    "attn.hook_rot_q", "attn.hook_rot_k",
-)
-
-
-def hook_layout(name: str, ndim: int) -> tuple[Optional[int], Optional[int]]:
-    """``(position axis, head axis)`` of the activation at hook ``name`` (``None`` where absent).
-
-    ``pattern`` / ``attn_scores`` are ``[batch, head, query_pos, key_pos]``; ``q``, ``k``, ``v``,
-    ``z``, ``result`` (and rotary ``rot_q`` / ``rot_k``) are ``[batch, pos, head, d_head]``; every
-    other hook with at least two axes is ``[batch, pos, ...]``.
-    """
-    if name.endswith(_HEAD_FIRST):
-        return 2, 1
-    if name.endswith(_HEAD_SECOND):
-        return 1, 2
-    return (1, None) if ndim >= 2 else (None, None)
-
-
-def gather(
-    x: Tensor,
-    pos_axis: Optional[int],
-    head_axis: Optional[int],
-    positions: Optional[Int[Tensor, "batch k"]],
-    heads: Optional[Sequence[int]],
-) -> Tensor:
-    """A detached copy of ``x`` restricted to per-prompt ``positions`` and to ``heads``.
-
-    Args:
-        x: The activation, ``[batch, ...]``.
-        pos_axis / head_axis: Its position and head axes (see :func:`hook_layout`).
-        positions: ``[batch, k]`` positions for each batch item, or ``None`` for all.
-        heads: Head indices, or ``None`` for all.
-
-    Returns:
-        ``x`` with the position axis cut to ``k`` and the head axis to ``len(heads)``, same axis order.
-    """
-    x = x.detach()
-    if heads is not None:
-        x = x.index_select(head_axis, torch.as_tensor(list(heads), device=x.device))
-    if positions is not None:
-        positions = positions.to(x.device)
-        moved = x.movedim(pos_axis, 1)
-        if bool((positions == positions[:1]).all()):
-            moved = moved.index_select(1, positions[0])
-        else:
-            moved = moved[torch.arange(moved.shape[0], device=x.device)[:, None], positions]
-        x = moved.movedim(1, pos_axis)
-    if heads is None and positions is None:
-        x = x.clone()
-    return x.contiguous()
-
-
-def scatter(
-    x: Tensor,
-    value: Tensor,
-    pos_axis: Optional[int],
-    head_axis: Optional[int],
-    positions: Optional[Int[Tensor, "batch k"]],
-    heads: Optional[Sequence[int]],
-    mode: Mode = "replace",
-    what: str = "state",
-) -> Tensor:
-    """A copy of ``x`` with the region selected as in :func:`gather` replaced by (or, ``mode="add"``,
-    increased by) ``value``, which must broadcast to the region's shape.
-
-    Raises:
-        ValueError: If ``value`` does not broadcast to the region (the message names ``what`` and
-            both shapes).
-    """
-    b = x.shape[0]
-    region = list(x.shape)
-    if positions is not None:
-        region[pos_axis] = positions.shape[1]
-    if heads is not None:
-        region[head_axis] = len(heads)
-    try:
-        value = torch.broadcast_to(value.to(device=x.device, dtype=x.dtype), region)
-    except RuntimeError:
-        raise ValueError(
-            f"Cannot load {what}: value of shape {tuple(value.shape)} does not fit the selected region "
-            f"of shape {tuple(region)} (activation {tuple(x.shape)}). A saved batch must equal this "
-            "run's batch or be 1 (MeanOverBatch() makes it 1), and the number of saved positions / "
-            "heads must equal the number selected here or be 1."
-        ) from None
-    out = x.clone()
-    axes = [pos_axis] if positions is not None else []
-    axes += [head_axis] if heads is not None else []
-    if not axes:
-        if mode == "add":
-            out += value
-        else:
-            out.copy_(value)
-        return out
-    moved = out.movedim(axes, list(range(1, len(axes) + 1)))
-    val = value.movedim(axes, list(range(1, len(axes) + 1)))
-    index: list[Tensor] = [torch.arange(b, device=x.device).view(b, *([1] * len(axes)))]
-    for i, axis in enumerate(axes):
-        shape = [1] * (len(axes) + 1)
-        if axis == pos_axis:
-            shape[0], shape[i + 1] = b, positions.shape[1]
-            index.append(positions.to(x.device).view(shape))
-        else:
-            shape[i + 1] = len(heads)
-            index.append(torch.as_tensor(list(heads), device=x.device).view(shape))
-    if mode == "add":
-        moved[tuple(index)] = moved[tuple(index)] + val
-    else:
-        moved[tuple(index)] = val
-    return out
-
-
 __all__ = [
     "Add",
     "Compose",
@@ -715,7 +639,10 @@ __all__ = [
     "StateManager",
     "Transform",
     "format_key",
-    "gather",
-    "hook_layout",
-    "scatter",
 ]
+
+__getattr__ = _deprecated.module_getattr("minterp_tl.state", {
+    "hook_layout": ("minterp_tl.hooks.hook_layout", lambda: _hooks.hook_layout),
+    "gather": ("minterp_tl.hooks.gather", lambda: _hooks.gather),
+    "scatter": ("minterp_tl.hooks.scatter", lambda: _hooks.scatter),
+})

@@ -231,7 +231,7 @@ class TransformerLensTransparentLlm(TransparentLlm):
         if self._has_mlp:
             states += ["mlp_out", "mlp_post"] + ([] if self._parallel else ["resid_mid"])
         states += [f"{ln}.hook_scale" for kind, ln in (("attn", "ln1_post"), ("mlp", "ln2_post")) if self._post[kind]]
-        config = StateConfig(save=tuple(SaveRule(state=s, layers="all", positions="all", heads="all") for s in states))
+        config = StateConfig(save=tuple(SaveRule(hook=s, layers="all", positions="all", heads="all") for s in states))
         context = RepresentationContext(sentences, layers="all", positions="all", heads="all", prepend_bos=self._prepend_bos)
         out = self._wrapper.run(context, StateManager({"transparent": config}), phase="transparent")
         self._batch, self._logits, self._saved = out.batch, out.logits, dict(out.saved)

@@ -36,19 +36,11 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from minterp_tl._checks import text_tokens, token_ids
 from minterp_tl.context import RepresentationContext
+from minterp_tl.hooks import SWITCHES, gather, has_heads, hook_layout, layer_of, n_heads
+from minterp_tl.interventions import BatchLayout, Intervention, Step, apply_step, resolve_steps
 from minterp_tl.names import expand_name
 from minterp_tl.specs import SpecLike, resolve, resolve_positions
-from minterp_tl.state import (
-    LoadRule,
-    SavedState,
-    SaveRule,
-    StateConfig,
-    StateManager,
-    format_key,
-    gather,
-    hook_layout,
-    scatter,
-)
+from minterp_tl.state import LoadRule, SavedState, SaveRule, StateConfig, StateManager, format_key
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,36 +113,15 @@ class _Save:
 
 
 @dataclass
-class _Load:
-    name: str
-    value: Tensor
-    positions: Optional[Tensor]
-    heads: Optional[tuple[int, ...]]
-    mode: str
-    what: str
-
-
-@dataclass
 class _Plan:
     saves: dict[str, list[_Save]] = field(default_factory=dict)
-    loads: dict[str, list[_Load]] = field(default_factory=dict)
+    loads: dict[str, list[Step]] = field(default_factory=dict)  # load rules and interventions, in order
     pops: list[tuple[str, str]] = field(default_factory=list)
     layers: dict[tuple[str, str], list[tuple[Optional[int], str]]] = field(default_factory=dict)
 
     @property
     def hook_names(self) -> list[str]:
         return list(dict.fromkeys([*self.loads, *self.saves]))
-
-
-# Hook points that exist on a bridge but only run when a switch is on.
-_SWITCHES = {
-    "attn.hook_result": "model.set_use_attn_result(True)",
-    "hook_attn_in": "model.set_use_attn_in(True)",
-    "hook_q_input": "model.set_use_split_qkv_input(True)",
-    "hook_k_input": "model.set_use_split_qkv_input(True)",
-    "hook_v_input": "model.set_use_split_qkv_input(True)",
-    "hook_mlp_in": "model.set_use_hook_mlp_in(True)",
-}
 
 
 class ModelWrapper:
@@ -240,14 +211,15 @@ class ModelWrapper:
 
         captured: dict[tuple[str, str], SavedState] = {}
         fired: set[str] = set()
-        hooks = [(hook_name, self._hook_fn(hook_name, plan, captured, fired)) for hook_name in plan.hook_names]
+        layout = BatchLayout(batch.lengths, int(batch.tokens.shape[1]), "right", batch.str_tokens)
+        hooks = [(h, self._hook_fn(h, plan, layout, captured, fired)) for h in plan.hook_names]
         with torch.no_grad():
             logits = self.model.run_with_hooks(
                 batch.tokens, fwd_hooks=hooks, return_type="logits" if return_logits else None
             )
         missing = [h for h in plan.hook_names if h not in fired]
         if missing:
-            hints = sorted({f"{h}: needs {s}" for h in missing for k, s in _SWITCHES.items() if h.endswith(k)})
+            hints = sorted({f"{h}: needs {s}" for h in missing for k, s in SWITCHES.items() if h.endswith(k)})
             raise ValueError(
                 f"Phase {name!r}: hook(s) {missing[:6]} did not run in this forward pass, so nothing "
                 "was saved or loaded there." + (f" Switches: {hints}." if hints else "")
@@ -261,23 +233,23 @@ class ModelWrapper:
                            state.pos_axis, state.head_axis, str_tokens),
                 concat=concat,
             )
-            saved[format_key(*key)] = manager.get(key[1], key[0])
+            saved[format_key(*key)] = manager.get(key[1], tag=key[0])
         for tag, source in plan.pops:
             if (tag, source) in manager:
-                manager.pop(source, tag)
+                manager.pop(source, tag=tag)
         for item in config.drop:
             manager.drop(item)
         return RunResult(name, logits if return_logits else None, saved, batch, plan.layers)
 
     @staticmethod
-    def _hook_fn(hook_name: str, plan: _Plan, captured: dict, fired: set):
-        loads, saves = plan.loads.get(hook_name, []), plan.saves.get(hook_name, [])
+    def _hook_fn(hook_name: str, plan: _Plan, layout: BatchLayout, captured: dict, fired: set):
+        steps, saves = plan.loads.get(hook_name, []), plan.saves.get(hook_name, [])
 
         def hook_fn(act: Tensor, hook=None) -> Tensor:
             fired.add(hook_name)
+            for step in steps:
+                act = apply_step(act, step, layout, hook)
             pos_axis, head_axis = hook_layout(hook_name, act.ndim)
-            for load in loads:
-                act = scatter(act, load.value, pos_axis, head_axis, load.positions, load.heads, load.mode, load.what)
             for save in saves:
                 captured[save.key] = SavedState(
                     gather(act, pos_axis, head_axis, save.positions, save.heads),
@@ -306,24 +278,29 @@ class ModelWrapper:
             targets = self._targets(rule, context)
             sources = self._sources(rule, context, targets)
             for (state, layer, name), source in zip(targets, sources):
-                entry = manager.entry(source, rule.tag)
+                entry = manager.entry(source, tag=rule.tag)
                 positions = self._positions(_pick(rule.positions, context.positions), batch, name)
                 heads = self._heads(rule.heads, context.heads, name)
                 what = f"{format_key(rule.tag, source)} into {name}"
                 value = self._value(rule, entry, positions, heads, batch, what)
-                plan.loads.setdefault(name, []).append(_Load(name, value, positions, heads, rule.mode, what))
+                record = Intervention(name, rule.mode, value, positions=positions,
+                                      heads=None if heads is None else list(heads))
+                plan.loads.setdefault(name, []).append(Step(name, record, heads, value, what))
                 if rule.pop:
                     plan.pops.append((rule.tag, source))
+        for i, record in enumerate(config.interventions):
+            for step in resolve_steps(self.model, record, what=f"intervention #{i}"):
+                plan.loads.setdefault(step.hook, []).append(step)
         return plan
 
     def _targets(self, rule: Union[SaveRule, LoadRule], context: RepresentationContext) -> list[tuple[str, Optional[int], str]]:
         """``(state as written, layer, canonical name)`` for every hook a rule touches."""
-        states = (rule.state,) if rule.state is not None else context.states
+        states = (rule.hook,) if rule.hook is not None else context.hooks
         layers = resolve(_pick(rule.layers, context.layers), self.n_layers, what="layer")
         out = []
         for state in states:
             for name in expand_name(self.model, state, layers):
-                out.append((state, _layer_of(name), name))
+                out.append((state, layer_of(name), name))
         return out
 
     def _sources(self, rule: LoadRule, context: RepresentationContext, targets: list) -> list[str]:
@@ -332,7 +309,7 @@ class ModelWrapper:
         if rule.source_layers is None:
             return [name for _, _, name in targets]
         src_layers = resolve(rule.source_layers, self.n_layers, what="layer")
-        states = (rule.state,) if rule.state is not None else context.states
+        states = (rule.hook,) if rule.hook is not None else context.hooks
         out: list[str] = []
         for state in states:
             tgt = [t for t in targets if t[0] == state]
@@ -364,8 +341,7 @@ class ModelWrapper:
 
     def _heads(self, rule_heads: SpecLike, context_heads: SpecLike, name: str) -> Optional[tuple[int, ...]]:
         spec = _pick(rule_heads, context_heads)
-        _, head_axis = hook_layout(name, 4)
-        if head_axis is None:
+        if not has_heads(name):
             if rule_heads is not None and not (isinstance(rule_heads, str) and rule_heads.strip() == "all"):
                 raise ValueError(
                     f"heads={rule_heads!r} was given for {name}, which has no head axis; heads apply to "
@@ -374,14 +350,7 @@ class ModelWrapper:
             return None
         if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
             return None
-        return tuple(resolve(spec, self._n_heads(name), what="head"))
-
-    def _n_heads(self, name: str) -> int:
-        cfg = self.model.cfg
-        kv = getattr(cfg, "n_key_value_heads", None)
-        if kv and name.endswith(("attn.hook_k", "attn.hook_v", "attn.hook_rot_k")):
-            return int(kv)
-        return int(cfg.n_heads)
+        return tuple(resolve(spec, n_heads(self.model, name), what="head"))
 
     def _value(
         self,
@@ -458,12 +427,6 @@ def _pick(rule_value: SpecLike, context_value: SpecLike) -> SpecLike:
     return context_value if rule_value is None else rule_value
 
 
-def _layer_of(name: str) -> Optional[int]:
-    if name.startswith("blocks."):
-        return int(name.split(".")[1])
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # Experiments
 # --------------------------------------------------------------------------------------------------
@@ -501,7 +464,7 @@ class Experiment:
 
     Example (activation patching of the residual stream at the last position)::
 
-        ctx = RepresentationContext(clean_prompts, layers="all", positions="last", states=("resid_pre",))
+        ctx = RepresentationContext(clean_prompts, layers="all", positions="last", hooks=("resid_pre",))
         res = Experiment(model, [
             Phase("clean", ctx, StateConfig(save=True)),
             Phase("patched", ctx.clone(prompts=corrupted_prompts, layers=6), StateConfig(load=True)),

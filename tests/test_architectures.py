@@ -147,7 +147,7 @@ def test_edits_and_experiment_equal_hand_written_hooks(hf_model, family) -> None
         assert torch.equal(edited, by_hand)
         assert not torch.allclose(by_hand, model(corrupted), atol=1e-4)
 
-    ctx = RepresentationContext(clean, layers=1, positions=[3, -1], states=("resid_pre",))
+    ctx = RepresentationContext(clean, layers=1, positions=[3, -1], hooks=("resid_pre",))
     res = Experiment(model, [Phase("clean", ctx, StateConfig(save=True)),
                              Phase("patched", ctx.clone(prompts=corrupted), StateConfig(load=True))]).run()
     with torch.no_grad():

@@ -22,8 +22,8 @@ def test_prompt_forms_are_normalized() -> None:
 
 
 def test_context_is_frozen_and_clone_overrides() -> None:
-    ctx = RepresentationContext(["a"], layers="n//2:", positions="last", states="z", metadata={"k": 1}, name="clean")
-    assert ctx.states == ("z",)
+    ctx = RepresentationContext(["a"], layers="n//2:", positions="last", hooks="z", metadata={"k": 1}, name="clean")
+    assert ctx.hooks == ("z",)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ctx.layers = 3
     with pytest.raises(TypeError):
@@ -43,7 +43,7 @@ def test_context_is_frozen_and_clone_overrides() -> None:
         ({"prompts": []}, "prompts must be"),
         ({"prompts": 3}, "prompts must be"),
         ({"prompts": torch.randn(2, 3)}, "integer token ids"),
-        ({"prompts": ["a"], "states": [1]}, "states must be hook names"),
+        ({"prompts": ["a"], "hooks": [1]}, "hooks must be hook names"),
         ({"prompts": ["a"], "layers": "n**2"}, "layer spec"),
         ({"prompts": ["a"], "heads": "__import__('os')"}, "head spec"),
     ],
@@ -59,12 +59,12 @@ def test_specs_and_names_are_checked_against_the_model_when_run(toys) -> None:
     with pytest.raises(ValueError, match=r"n_layers=4"):
         w.run(RepresentationContext(tokens, layers=7))
     with pytest.raises(ValueError, match=r"resid_post"):
-        w.run(RepresentationContext(tokens, states=("resid_pst",)))
+        w.run(RepresentationContext(tokens, hooks=("resid_pst",)))
     with pytest.raises(ValueError, match=r"n_positions=6"):
         w.run(RepresentationContext(tokens, positions=9))
     with pytest.raises(ValueError, match=r"n_heads=4"):
-        w.run(RepresentationContext(tokens, states=("z",), heads=[0, 4]))
+        w.run(RepresentationContext(tokens, hooks=("z",), heads=[0, 4]))
     with pytest.raises(ValueError, match="no tokenizer"):
         w.run(RepresentationContext("text prompt"))
     with pytest.raises(ValueError, match="resid_mid.*not exist|does not exist"):
-        ModelWrapper(toys["attn_only"]).run(RepresentationContext(tokens, states=("resid_mid",)))
+        ModelWrapper(toys["attn_only"]).run(RepresentationContext(tokens, hooks=("resid_mid",)))

@@ -21,7 +21,7 @@ def _saved(tmp_path, model):
     edits = Edits(model)
     edits.add_function("fn", "resid_pre", double, layers=1)
     edits.steer("v", "resid_post", torch.ones(model.cfg.d_model), layers=0)
-    edits.save(tmp_path / "received")
+    edits.write(tmp_path / "received")
     edits.clear()
     return tmp_path / "received"
 
@@ -52,15 +52,15 @@ def test_a_payload_shipped_in_the_folder_never_runs(tmp_path, toys, monkeypatch)
     for name in ("received.payload:run", "payload_top:run", "os:system", "subprocess:run"):
         _rewrite(folder, lambda m: m["edits"][0].__setitem__("function", name))
         with pytest.raises(ValueError, match="which was not given"):
-            Edits.load(model, folder, functions=[double])
+            Edits.read(model, folder, functions=[double])
         with pytest.raises(ValueError, match="which was not given"):
-            Edits.load(model, folder)
+            Edits.read(model, folder)
     assert not marker.exists()
     assert "payload_top" not in sys.modules and "received.payload" not in sys.modules
     assert _no_edit_hooks(model)
     # the function a caller gives is what runs, under the name the file uses for it
     _rewrite(folder, lambda m: m["edits"][0].__setitem__("function", "payload_top:run"))
-    loaded = Edits.load(model, folder, functions={"payload_top:run": double})
+    loaded = Edits.read(model, folder, functions={"payload_top:run": double})
     assert loaded.get("fn").fn is double and not marker.exists()
     loaded.clear()
 
@@ -86,7 +86,7 @@ def test_a_tampered_edits_file_is_a_clear_error(tmp_path, toys, change, message)
     folder = _saved(tmp_path, model)
     _rewrite(folder, change)
     with pytest.raises(ValueError, match=message):
-        Edits.load(model, folder, functions=[double])
+        Edits.read(model, folder, functions=[double])
     assert _no_edit_hooks(model)
 
 
@@ -97,7 +97,7 @@ def test_malformed_json_is_a_clear_error(tmp_path, toys):
     for text in ("{not json", "[" * 100_000 + "]" * 100_000, "null"):
         store.save(store.load(), {**store.metadata, "minterp_tl.edits": text})
         with pytest.raises(ValueError, match="not valid JSON|unknown format"):
-            Edits.load(model, folder, functions=[double])
+            Edits.read(model, folder, functions=[double])
     assert _no_edit_hooks(model)
 
 

@@ -35,7 +35,7 @@ def _patched(model, tokens, name, fn):
 @pytest.mark.parametrize("state,layer", [("resid_pre", 2), ("attn_out", 1), ("resid_post", -1)])
 def test_declared_patch_equals_hand_written_patch_on_toys(toy, state, layer) -> None:
     clean, corrupt = _tokens(0), _tokens(1)
-    ctx = RepresentationContext(clean, layers=layer, positions=[5, -1], states=(state,))
+    ctx = RepresentationContext(clean, layers=layer, positions=[5, -1], hooks=(state,))
     res = Experiment(toy, [
         Phase("clean", ctx, StateConfig(save=True)),
         Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True)),
@@ -57,7 +57,7 @@ def test_declared_patch_equals_hand_written_patch_on_toys(toy, state, layer) -> 
 
 def test_per_head_patch_of_z_equals_hand_written(toy) -> None:
     clean, corrupt = _tokens(2), _tokens(3)
-    ctx = RepresentationContext(clean, layers=1, positions="last", heads=[3, 1], states=("z",))
+    ctx = RepresentationContext(clean, layers=1, positions="last", heads=[3, 1], hooks=("z",))
     res = Experiment(toy, [Phase("clean", ctx), Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True))]).run()
     src = _cache(toy, clean, "blocks.1.attn.hook_z")
 
@@ -72,15 +72,15 @@ def test_per_head_patch_of_z_equals_hand_written(toy) -> None:
 def test_pattern_selection_is_query_positions_and_heads(toys) -> None:
     model, tokens = toys["gqa"], _tokens(4)
     res = ModelWrapper(model).run(
-        RepresentationContext(tokens, layers=[0, 3], positions="last", heads=[2, 0], states=("pattern",))
+        RepresentationContext(tokens, layers=[0, 3], positions="last", heads=[2, 0], hooks=("pattern",))
     )
     for layer in (0, 3):
         full = _cache(model, tokens, f"blocks.{layer}.attn.hook_pattern")
         assert torch.equal(res[f"blocks.{layer}.attn.hook_pattern"], full[:, [2, 0]][:, :, [-1]])
     # GQA: k has 2 key/value heads, so heads=[2, 0] is out of range there ... unless asked of k only
     with pytest.raises(ValueError, match="n_heads=2"):
-        ModelWrapper(model).run(RepresentationContext(tokens, layers=0, heads=[2], states=("k",)))
-    k = ModelWrapper(model).run(RepresentationContext(tokens, layers=0, heads=[1], states=("k",)))
+        ModelWrapper(model).run(RepresentationContext(tokens, layers=0, heads=[2], hooks=("k",)))
+    k = ModelWrapper(model).run(RepresentationContext(tokens, layers=0, heads=[1], hooks=("k",)))
     assert torch.equal(k["blocks.0.attn.hook_k"], _cache(model, tokens, "blocks.0.attn.hook_k")[:, :, [1]])
 
 
@@ -94,7 +94,7 @@ def test_position_map_save_at_5_load_at_7(toys) -> None:
         return act
 
     expected = _patched(model, corrupt, name, patch)
-    ctx = RepresentationContext(clean, layers=2, states=("resid_pre",))
+    ctx = RepresentationContext(clean, layers=2, hooks=("resid_pre",))
     # 1. save only position 5, load it at position 7
     a = Experiment(model, [
         Phase("clean", ctx, StateConfig(save=SaveRule(positions=5))),
@@ -118,11 +118,11 @@ def test_source_layers_map_and_missing_source_position(toys) -> None:
         return act
 
     expected = _patched(model, corrupt, "blocks.2.hook_resid_pre", patch)
-    ctx = RepresentationContext(clean, layers=0, positions=4, states=("resid_post",))
+    ctx = RepresentationContext(clean, layers=0, positions=4, hooks=("resid_post",))
     res = Experiment(model, [
         Phase("clean", ctx),
-        Phase("patched", ctx.clone(prompts=corrupt, layers=2, states=("resid_pre",)),
-              StateConfig(load=LoadRule(source_layers=0, source=None, state="resid_pre"))),
+        Phase("patched", ctx.clone(prompts=corrupt, layers=2, hooks=("resid_pre",)),
+              StateConfig(load=LoadRule(source_layers=0, source=None, hook="resid_pre"))),
     ])
     # resid_pre at layer 2 is read from resid_pre saved at layer 0, which was not saved: clear error
     with pytest.raises(ValueError, match=r"No saved state 'blocks\.0\.hook_resid_pre'.*blocks\.0\.hook_resid_post"):
@@ -144,7 +144,7 @@ def test_steering_vector_add_with_scale(toys) -> None:
     v = torch.randn(32, generator=torch.Generator().manual_seed(0))
     sm = StateManager({"steer": StateConfig(load=LoadRule(source="honesty", mode="add", transform=Scale(3.0)))})
     sm.put("honesty", v)
-    ctx = RepresentationContext(tokens, layers="first_half", positions="2:", states=("resid_post",))
+    ctx = RepresentationContext(tokens, layers="first_half", positions="2:", hooks=("resid_post",))
     out = ModelWrapper(model).run(ctx, sm, phase="steer")
 
     def steer(act, hook):
@@ -167,7 +167,7 @@ def test_mean_ablation_from_a_reference_batch(toys) -> None:
         return act
 
     expected = _patched(model, tokens, "blocks.1.attn.hook_z", ablate)
-    ctx = RepresentationContext(ref, layers=1, states=("z",), name="ref")
+    ctx = RepresentationContext(ref, layers=1, hooks=("z",), name="ref")
     res = Experiment(model, [
         Phase("ref", ctx),
         Phase("ablate", ctx.clone(prompts=tokens), StateConfig(load=LoadRule(heads=2, transform=MeanOverBatch(), pop=True))),
@@ -235,7 +235,7 @@ def test_clear_errors_for_bad_loads(toys) -> None:
     with pytest.raises(ValueError, match=r"No StateConfig for phase 'laod'.*\['load'\]"):
         w.run(RepresentationContext(_tokens(1), layers=1), sm, phase="laod")
     with pytest.raises(ValueError, match=r"hook_result.*set_use_attn_result\(True\)"):
-        w.run(RepresentationContext(_tokens(1), layers=1, states=("result",)))
+        w.run(RepresentationContext(_tokens(1), layers=1, hooks=("result",)))
     with pytest.raises(ValueError, match="same state"):
         w.run(RepresentationContext(_tokens(1), layers=1), StateManager({"d": StateConfig(save=["resid_pre", "resid_pre"])}), phase="d")
 
@@ -245,7 +245,7 @@ def test_clear_errors_for_bad_loads(toys) -> None:
 
 def test_declared_patch_equals_hand_written_patch_on_smollm2(smollm2) -> None:
     clean, corrupt = "The capital of France is", "The capital of Italy is"
-    ctx = RepresentationContext(clean, layers=[6, 20], positions=Token(" France"), states=("resid_pre", "attn_out"))
+    ctx = RepresentationContext(clean, layers=[6, 20], positions=Token(" France"), hooks=("resid_pre", "attn_out"))
     res = Experiment(smollm2, [
         Phase("clean", ctx),
         Phase("patched", ctx.clone(prompts=corrupt, positions=Token(" Italy")), StateConfig(load=True)),
@@ -274,14 +274,14 @@ def test_declared_patch_equals_hand_written_patch_on_smollm2(smollm2) -> None:
 
 def test_patching_every_position_at_layer_0_restores_clean_logits(smollm2) -> None:
     clean, corrupt = "The capital of France is", "The capital of Italy is"
-    ctx = RepresentationContext(clean, layers=0, states=("resid_pre",))
+    ctx = RepresentationContext(clean, layers=0, hooks=("resid_pre",))
     res = Experiment(smollm2, [Phase("clean", ctx), Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True))]).run()
     assert torch.equal(res["patched"].logits, res["clean"].logits)
 
 
 def test_ragged_batch_last_position_and_logit_lens(smollm2) -> None:
     prompts = ["The capital of France is", "Hello", "One, two, three, four,"]
-    ctx = RepresentationContext(prompts, positions="last", states=("resid_post",))
+    ctx = RepresentationContext(prompts, positions="last", hooks=("resid_post",))
     out = ModelWrapper(smollm2).run(ctx)
     assert out.batch.lengths == tuple(len(smollm2.to_str_tokens(p)) for p in prompts)
     lens = out.stack("resid_post")  # [layer, batch, 1, d_model]
@@ -300,7 +300,7 @@ def test_ragged_batch_last_position_and_logit_lens(smollm2) -> None:
 
 def test_state_manager_activation_cache_interop_with_transformer_lens(smollm2) -> None:
     text = "The capital of France is"
-    ctx = RepresentationContext(text, states=("resid_pre", "blocks.29.hook_resid_post"))
+    ctx = RepresentationContext(text, hooks=("resid_pre", "blocks.29.hook_resid_post"))
     sm = StateManager()
     ModelWrapper(smollm2).run(ctx, sm)
     assert len(sm) == 31

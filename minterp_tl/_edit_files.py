@@ -1,0 +1,207 @@
+"""Edits on disk and on screen: the folder format of :meth:`minterp_tl.edits.Edits.write` / ``read``, and
+the table of :meth:`~minterp_tl.edits.Edits.table`.
+
+A folder is a :class:`minterp_tl.store.StateStore`: safetensors files (each verified against its hash
+when read) and a JSON manifest in the store's metadata. Reading runs no code named in the folder: it
+imports nothing; a function edit names its function (``"module:qualname"``) and is installed only if
+the caller passes that function in. Every field of the manifest is type-checked, the model's shape and
+every hook are checked, all before any edit is installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from torch import Tensor
+
+from minterp_tl.interventions import MODES, Intervention
+from minterp_tl.names import resolve_name
+from minterp_tl.store import SaveReport, StateStore
+
+if TYPE_CHECKING:
+    from minterp_tl.edits import Edit, EditFunction, Edits
+
+_FORMAT = "minterp_tl.edits"
+_VERSION = 1
+_FUNCTION_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")  # module:name, no attribute walk
+_MODEL_KEYS = ("n_layers", "n_heads", "d_model", "d_vocab")
+_EDIT_FIELDS: dict[str, Any] = {
+    "name": str, "kind": str, "hooks": list, "positions": object, "heads": object, "neurons": object,
+    "alpha": (int, float), "function": (str, type(None)), "kwargs": dict, "values": dict, "enabled": bool,
+}
+
+
+def function_path(fn: Callable) -> Optional[str]:
+    """``"module:name"`` of ``fn`` if it is a plain function at the top level of an imported module, else
+    ``None`` (lambdas, nested functions, methods, builtins). Nothing is imported: the module must already
+    be loaded, as the module of a function you hold is."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not inspect.isfunction(fn) or not module or not qualname:
+        return None
+    if not _FUNCTION_PATH.fullmatch(f"{module}:{qualname}"):
+        return None
+    return f"{module}:{qualname}" if getattr(sys.modules.get(module), qualname, None) is fn else None
+
+
+def table(edits: Edits) -> str:
+    """One line per (hook, edit) in application order: step, hook, edit name, kind, on/off, and what it
+    selects and writes."""
+    if not len(edits):
+        return "no edits"
+    rows = [("#", "hook", "edit", "kind", "on", "what")]
+    for i, (hook, e) in enumerate(edits.ordered()):
+        rows.append((str(i), hook, e.name, e.kind, "on" if edits.is_enabled(e.name) else "off", e.describe()))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    lines = ["  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5] for r in rows]
+    on = sum(edits.is_enabled(n) for n in edits.names)
+    head = f"{len(edits)} edit(s), {on} on{' (paused)' if edits._paused else ''}"
+    return "\n".join([head] + [line.rstrip() for line in lines])
+
+
+def write_edits(edits: Edits, path: Any) -> SaveReport:
+    """Write every edit of ``edits`` (with its on/off state) to the folder ``path``; writing again
+    rewrites only changed tensors.
+
+    Raises:
+        ValueError: If a function edit has no import path (a lambda, a local function).
+    """
+    tensors: dict[str, Tensor] = {}
+    entries = []
+    for e in edits._edits.values():
+        if e.kind == "function" and e.function is None:
+            raise ValueError(
+                f"Edit {e.name!r} cannot be written: its function {getattr(e.fn, '__qualname__', e.fn)!s} "
+                "has no import path (a lambda or a function defined inside a function); define it at "
+                "the top level of a module."
+            )
+        value_keys = {}
+        for hook, v in e.values.items():
+            tensors[f"{e.name}/{hook}"] = v
+            value_keys[hook] = f"{e.name}/{hook}"
+        iv = e.intervention
+        entries.append({
+            "name": e.name, "kind": e.kind, "hooks": list(e.hooks), "positions": iv.positions,
+            "heads": iv.heads, "neurons": iv.neurons, "alpha": e.alpha, "function": e.function,
+            "kwargs": dict(e.kwargs), "values": value_keys, "enabled": edits.is_enabled(e.name),
+        })
+    cfg = edits.model.cfg
+    manifest = {"format": _FORMAT, "version": _VERSION, "model": {k: int(getattr(cfg, k)) for k in _MODEL_KEYS},
+                "edits": entries}
+    return StateStore(path).save(tensors, {"minterp_tl.kind": "Edits", "minterp_tl.edits": json.dumps(manifest)})
+
+
+def read_edits(
+    edits: Edits, path: Any, functions: Union[Mapping[str, EditFunction], Sequence[EditFunction]]
+) -> list[tuple[Edit, bool]]:
+    """The edits written at ``path``, built for ``edits.model`` (not installed), with their on/off states.
+
+    Raises:
+        ValueError: If the folder holds no written edits or a malformed file, the model's shape differs,
+            a hook does not exist on the model, a tensor fails its integrity check, or a function edit
+            names a function not in ``functions``.
+    """
+    given = _given_functions(functions)
+    store = StateStore(path)
+    meta = store.metadata
+    if meta.get("minterp_tl.kind") != "Edits":
+        raise ValueError(f"The store at {str(path)!r} holds no written edits (written by Edits.write).")
+    where = f"Saved edits at {str(path)!r}"
+    manifest = _read_manifest(meta.get("minterp_tl.edits"), where)
+    model = edits.model
+    mine = {k: int(getattr(model.cfg, k)) for k in _MODEL_KEYS}
+    if mine != manifest["model"]:
+        raise ValueError(f"{where} were made for a model with {manifest['model']}; this model has {mine}.")
+    for e in manifest["edits"]:  # every name is checked before any tensor is read
+        if e["kind"] == "function" and e["function"] not in given:
+            raise ValueError(
+                f"{where}: edit {e['name']!r} calls function {e['function']!r}, which was not given; reading "
+                f"imports nothing, so pass it: Edits.read(model, path, functions=[...]) (given: "
+                f"{sorted(given) or 'none'})."
+            )
+    tensors = store.load()
+    built = []
+    for e in manifest["edits"]:
+        hooks = tuple(e["hooks"])
+        for hook in hooks:
+            try:
+                if resolve_name(model, hook) != hook:
+                    raise ValueError(f"{hook!r} is an alias, not the canonical name")
+            except ValueError as err:
+                raise ValueError(f"Saved edit {e['name']!r}: hook {hook!r} does not fit this model: {err}") from None
+        missing = [k for k in e["values"].values() if k not in tensors]
+        if missing or set(e["values"]) - set(hooks):
+            raise ValueError(f"{where}: edit {e['name']!r} refers to values {missing} that the store does not "
+                             f"hold, or to hooks it does not edit.")
+        values = {h: tensors[k] for h, k in e["values"].items()} or None
+        try:
+            record = Intervention(
+                list(hooks), e["kind"], values, positions=e["positions"], heads=e["heads"], neurons=e["neurons"],
+                alpha=float(e["alpha"]), fn=given.get(e["function"]) if e["kind"] == "function" else None,
+                kwargs=e["kwargs"],
+            )
+            built.append((edits._build(e["name"], record, e["function"]), e["enabled"]))
+        except ValueError as err:
+            raise ValueError(f"Saved edit {e['name']!r}: {err}") from None
+    return built
+
+
+def _given_functions(functions: Union[Mapping[str, EditFunction], Sequence[EditFunction]]) -> dict[str, EditFunction]:
+    """``{"module:qualname": function}`` from what :meth:`Edits.read` was given (nothing is imported)."""
+    if isinstance(functions, Mapping):
+        items = list(functions.items())
+    else:
+        items = []
+        for fn in functions:
+            module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+            if not callable(fn) or not module or not qualname:
+                raise ValueError(f"Edits.read functions must be functions, got {fn!r}.")
+            items.append((f"{module}:{qualname}", fn))
+    for name, fn in items:
+        if not isinstance(name, str) or not callable(fn):
+            raise ValueError(f"Edits.read functions must map 'module:qualname' strings to functions, got {name!r}.")
+    return dict(items)
+
+
+def _read_manifest(text: Any, where: str) -> dict[str, Any]:
+    """The JSON description of written edits, every field checked (a malformed file is a ValueError that
+    says what is wrong, never a KeyError or TypeError)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the store's metadata has no edits description.")
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{where}: the edits description is not valid JSON ({type(err).__name__}).") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+        raise ValueError(f"{where} have an unknown format or version.")
+    model = manifest.get("model")
+    if (not isinstance(model, dict) or sorted(model) != sorted(_MODEL_KEYS)
+            or not all(type(v) is int for v in model.values())):
+        raise ValueError(f"{where}: 'model' must give the integers {list(_MODEL_KEYS)}, got {model!r}.")
+    entries = manifest.get("edits")
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: 'edits' must be a list.")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or sorted(e) != sorted(_EDIT_FIELDS):
+            raise ValueError(f"{where}: edit #{i} must have exactly the fields {sorted(_EDIT_FIELDS)}.")
+        for key, kind in _EDIT_FIELDS.items():
+            value = e[key]
+            if not isinstance(value, kind) or (key == "alpha" and (isinstance(value, bool) or not math.isfinite(value))):
+                raise ValueError(f"{where}: edit #{i} field {key!r} has the wrong type or value: {value!r}.")
+        if e["kind"] not in MODES:
+            raise ValueError(f"{where}: edit {e['name']!r} has an unknown kind {e['kind']!r}; kinds: {MODES}.")
+        if (e["kind"] == "function") != isinstance(e["function"], str):
+            raise ValueError(f"{where}: edit {e['name']!r}: 'function' must be a name exactly for function edits.")
+        if not e["hooks"] or not all(isinstance(h, str) for h in e["hooks"]):
+            raise ValueError(f"{where}: edit {e['name']!r}: 'hooks' must be a non-empty list of hook names.")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in e["values"].items()):
+            raise ValueError(f"{where}: edit {e['name']!r}: 'values' must map hook names to tensor keys.")
+    return manifest
+
+
+__all__ = ["function_path", "read_edits", "table", "write_edits"]
