@@ -61,7 +61,7 @@ from minterp_tl._checks import token_ids
 from minterp_tl.names import resolve_name
 from minterp_tl.patching import MetricFn, PatchSweep
 from minterp_tl.specs import SpecLike, resolve
-from minterp_tl.state import hook_layout
+from minterp_tl.hooks import hook_layout, n_heads
 
 CleanInput = Union[Int[Tensor, "batch pos"], ActivationCache, Mapping[str, Tensor]]
 """What :func:`attribution_patch` takes as the clean run: tokens, or a cache of its activations."""
@@ -207,9 +207,7 @@ def attribution_patch(
         if head_axis is None:
             raise ValueError(f"heads={heads!r} given for {names[0]}, which has no head axis; valid only for "
                              "hooks with one (q, k, v, z, result, pattern, attn_scores).")
-        kv = getattr(model.cfg, "n_key_value_heads", None)
-        n_heads = kv if kv and names[0].endswith(("hook_k", "hook_v")) else model.cfg.n_heads
-        head_idx = _nonempty(resolve(heads, n_heads, what="head"), heads, "head")
+        head_idx = _nonempty(resolve(heads, n_heads(model, names[0]), what="head"), heads, "head")
     if pos_idx is None and head_idx is None:
         raise ValueError("attribution_patch needs positions, heads, or both to sweep over "
                          "(positions=None and heads=None leaves nothing).")

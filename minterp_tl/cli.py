@@ -378,7 +378,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     from minterp_tl.names import resolve_name
     from minterp_tl.patching import activation_patch, logit_diff_metric, normalized_metric, plot_heatmap
     from minterp_tl.specs import resolve
-    from minterp_tl.state import hook_layout
+    from minterp_tl.hooks import has_heads, n_heads
 
     example = f"minterp-tl patch {IOI_CLEAN!r} {IOI_CORRUPTED!r}"
     _check_prompt(args.clean, "clean prompt", example)
@@ -405,12 +405,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
                                                            n_corrupted, tokens=corrupted_str, what="position"))
     names = _checked("--hook", lambda: [resolve_name(model, args.hook, layer) for layer in layers])
     if args.heads is not None:  # checked here too, so that bad heads fail before any forward pass
-        if hook_layout(names[0], 4)[1] is None:
+        if not has_heads(names[0]):
             raise _BadInput(f"--heads {args.heads!r} given, but {names[0]} has no head axis; use a hook with one "
                             "(z, q, k, v, pattern, attn_scores, result) or leave --heads out")
-        kv = getattr(model.cfg, "n_key_value_heads", None)
-        n_heads = kv if kv and names[0].endswith(("hook_k", "hook_v")) else model.cfg.n_heads
-        _checked("--heads", lambda: resolve(args.heads, n_heads, what="head"))
+        _checked("--heads", lambda: resolve(args.heads, n_heads(model, names[0]), what="head"))
     answer = _single_token(model, args.answer, "--answer") if args.answer is not None else None
     wrong = _single_token(model, args.wrong, "--wrong") if args.wrong is not None else None
     if answer is not None and answer == wrong:

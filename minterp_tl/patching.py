@@ -63,9 +63,10 @@ from transformer_lens.utilities import get_act_name
 from minterp_tl._checks import positive_int, token_ids
 from minterp_tl._files import save_png
 from minterp_tl.fast_path import CorruptedRun, FastPathStatus, check, last_status
+from minterp_tl.hooks import hook_layout, n_heads
+from minterp_tl.interventions import Intervention, Step, apply_step
 from minterp_tl.names import resolve_name
 from minterp_tl.specs import SpecLike, resolve
-from minterp_tl.state import hook_layout
 
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
 """A function from the patched logits of the corrupted batch to a scalar (or ``[batch]``) metric."""
@@ -376,12 +377,10 @@ def generic_activation_patch(
     if index_df is None:
         if index_axis_names is None:
             raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
-        n_heads = model.cfg.n_heads
-        if activation_name in ("k", "v") and getattr(model.cfg, "n_key_value_heads", None):
-            n_heads = model.cfg.n_key_value_heads
+        heads_here = n_heads(model, f"attn.hook_{activation_name}")
         n_pos = int(corrupted_tokens.shape[-1])
         ranges = {"layer": model.cfg.n_layers, "pos": n_pos, "src_pos": n_pos, "dest_pos": n_pos,
-                  "head_index": n_heads, "head": n_heads}
+                  "head_index": heads_here, "head": heads_here}
         unknown = [a for a in index_axis_names if a not in ranges]
         if unknown:
             raise ValueError(f"unknown index axis name(s) {unknown}; valid: {sorted(ranges)}")
@@ -800,23 +799,12 @@ def activation_patch(
     if heads is not None:
         if head_axis is None:
             raise ValueError(f"heads={heads!r} given for {names[0]}, which has no head axis.")
-        kv = getattr(model.cfg, "n_key_value_heads", None)
-        n_heads = kv if kv and names[0].endswith(("hook_k", "hook_v")) else model.cfg.n_heads
-        head_idx = resolve(heads, n_heads, what="head")
+        heads_here = n_heads(model, names[0])
+        head_idx = resolve(heads, heads_here, what="head")
         if not head_idx:
-            raise ValueError(f"heads={heads!r} selects no head (n_heads={n_heads}); select at least one")
+            raise ValueError(f"heads={heads!r} selects no head (n_heads={heads_here}); select at least one")
     if pos_idx is None and head_idx is None:
         raise ValueError("activation_patch needs positions, heads, or both to sweep over.")
-
-    def setter(act: Tensor, index: Sequence[int], clean: Tensor) -> Tensor:
-        sel: list[Any] = [slice(None)] * act.ndim
-        _, p, h = index
-        if p is not None:
-            sel[pos_axis] = p
-        if h is not None:
-            sel[head_axis] = h
-        act[tuple(sel)] = clean[tuple(sel)]
-        return act
 
     grid = list(itertools.product(range(len(layer_idx)), range(len(pos_idx or [None])), range(len(head_idx or [None]))))
     patches = []
@@ -825,7 +813,7 @@ def activation_patch(
         if name not in clean_cache.cache_dict:
             raise ValueError(f"clean_cache has no {name!r}; cache it in the clean run.")
         index = (layer_idx[li], None if pos_idx is None else pos_idx[pi], None if head_idx is None else head_idx[hi])
-        patches.append(_Patch(name, setter, index, clean_cache[name], index[0]))
+        patches.append(_Patch(name, _patch_setter(name, index, clean_cache[name]), index, clean_cache[name], index[0]))
     values = torch.zeros(len(grid))
 
     def on_logits(i: int, logits: Tensor) -> None:
@@ -843,6 +831,18 @@ def activation_patch(
     if getattr(model, "tokenizer", None) is not None and corrupted_tokens.shape[0] == 1:
         labels = list(model.to_str_tokens(corrupted_tokens[0]))
     return PatchSweep(values.reshape(shape), axes, layer_idx, pos_idx, head_idx, hook, labels)
+
+
+def _patch_setter(name: str, index: tuple[int, Optional[int], Optional[int]], clean: Tensor) -> Callable:
+    """The setter of one patched copy of :func:`activation_patch`: an ``Intervention(mode="patch")`` at
+    ``name`` for position ``index[1]`` and head ``index[2]`` (``None``: all), applied by the same code as
+    every other intervention."""
+    _, p, h = index
+    heads = None if h is None else (h,)
+    record = Intervention(name, "patch", clean, positions=None if p is None else torch.tensor([[p]]),
+                          heads=None if h is None else [h])
+    step = Step(name, record, heads, clean, f"patch {name} at {index}")
+    return lambda act, index, clean: apply_step(act, step, None)
 
 
 def plot_heatmap(

@@ -54,6 +54,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from minterp_tl.context import Prompts, RepresentationContext
+from minterp_tl.hooks import n_heads
 from minterp_tl.lens import readout
 from minterp_tl.models import ModelInfo, model_info
 from minterp_tl.state import SaveRule, StateConfig, StateManager
@@ -202,7 +203,7 @@ class TransformerLensTransparentLlm(TransparentLlm):
         cfg = model.cfg
         self._n_layers = int(cfg.n_layers)
         self._n_heads = int(cfg.n_heads)
-        self._n_kv = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+        self._n_kv = n_heads(cfg, "attn.hook_k")
         self._has_mlp = not bool(getattr(cfg, "attn_only", False))
         # Parallel blocks (GPT-NeoX, GPT-J, Phi-2): attention and MLP both read the block input.
         self._parallel = self._has_mlp and bool(getattr(cfg, "parallel_attn_mlp", False))
