@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "RepresentationContext": "context",
     "Edit": "edits",
     "Edits": "edits",
+    "Intervention": "interventions",
     "LensResult": "lens",
     "logit_lens": "lens",
     "DEFAULT_MODEL": "models",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from minterp_tl.circuits import CircuitConfig, CircuitModel, SubnetworkHistory, find_subnetwork
     from minterp_tl.context import RepresentationContext
     from minterp_tl.edits import Edit, Edits
+    from minterp_tl.interventions import Intervention
     from minterp_tl.lens import LensResult, logit_lens
     from minterp_tl.models import DEFAULT_MODEL, InductionReport, ModelInfo, induction_report, load_model, model_info, toy_model, train_induction_model
     from minterp_tl.names import canonical_names, expand_name, resolve_name, resolve_names, short_name
@@ -89,6 +91,7 @@ def __getattr__(name: str) -> Any:
     import minterp_tl.circuits
     import minterp_tl.context
     import minterp_tl.edits
+    import minterp_tl.interventions
     import minterp_tl.lens
     import minterp_tl.models
     import minterp_tl.names
@@ -113,62 +116,23 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Route",
-    "TransformerLensTransparentLlm",
-    "TransparentLlm",
-    "build_graph",
-    "paths_to_prediction",
-    "plot_routes",
-    "routes",
-    "strongest_paths",
-    "transparent",
-    "CircuitConfig",
-    "CircuitModel",
-    "SubnetworkHistory",
-    "circuits",
-    "find_subnetwork",
-    "Edit",
-    "Edits",
-    "LazyTensor",
-    "SaveReport",
-    "StateStore",
-    "tensor_hash",
-    "AttributionSweep",
-    "LensResult",
-    "PatchSweep",
-    "activation_patch",
-    "attribution",
-    "attribution_patch",
-    "lens",
-    "logit_lens",
-    "patching",
-    "Add",
-    "Compose",
-    "DEFAULT_MODEL",
-    "Experiment",
-    "ExperimentResult",
-    "InductionReport",
-    "LoadRule",
-    "MeanOverBatch",
-    "ModelInfo",
-    "ModelWrapper",
-    "Phase",
-    "RepresentationContext",
-    "RunResult",
-    "SaveRule",
-    "SavedState",
-    "Scale",
-    "StateConfig",
-    "StateManager",
-    "Token",
-    "canonical_names",
-    "expand_name",
-    "induction_report",
-    "load_model",
-    "model_info",
-    "resolve_name",
-    "resolve_names",
-    "short_name",
-    "toy_model",
-    "train_induction_model",
+    # models
+    "DEFAULT_MODEL", "load_model", "toy_model", "train_induction_model", "induction_report", "InductionReport",
+    "model_info", "ModelInfo",
+    # hook names and specs
+    "canonical_names", "resolve_name", "resolve_names", "expand_name", "short_name", "Token",
+    # phases: save / load / intervene in one run
+    "RepresentationContext", "StateConfig", "SaveRule", "LoadRule", "Scale", "Add", "MeanOverBatch", "Compose",
+    "StateManager", "SavedState", "ModelWrapper", "RunResult", "Experiment", "Phase", "ExperimentResult",
+    # interventions and persistent edits
+    "Intervention", "Edits", "Edit",
+    # sweeps
+    "patching", "activation_patch", "PatchSweep", "attribution", "attribution_patch", "AttributionSweep",
+    # reading the model
+    "lens", "logit_lens", "LensResult", "transparent", "TransparentLlm", "TransformerLensTransparentLlm",
+    "routes", "build_graph", "Route", "strongest_paths", "paths_to_prediction", "plot_routes",
+    # circuits
+    "circuits", "CircuitConfig", "CircuitModel", "find_subnetwork", "SubnetworkHistory",
+    # on disk
+    "StateStore", "LazyTensor", "SaveReport", "tensor_hash",
 ]

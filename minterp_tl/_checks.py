@@ -86,3 +86,13 @@ def did_you_mean(value: Any, options: Iterable[str], *, n: int = 3, cutoff: floa
     the one "did you mean" of every error message that names an unknown word."""
     close = difflib.get_close_matches(str(value), [str(o) for o in options], n=n, cutoff=cutoff)
     return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+__all__ = [
+    "did_you_mean",
+    "index",
+    "positive_int",
+    "positive_number",
+    "text_tokens",
+    "token_ids",
+]

@@ -53,3 +53,6 @@ def renamed_field(old: str, new: str) -> Callable[[type], type]:
         return cls
 
     return decorate
+
+
+__all__ = ["module_getattr", "renamed_field", "warn"]

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from minterp_tl.interventions import MODES, Intervention
 from minterp_tl.names import resolve_name
+from minterp_tl.specs import SpecLike, Token, check_spec
 from minterp_tl.store import SaveReport, StateStore
 
 if TYPE_CHECKING:
@@ -47,6 +48,31 @@ def function_path(fn: Callable) -> Optional[str]:
     if not _FUNCTION_PATH.fullmatch(f"{module}:{qualname}"):
         return None
     return f"{module}:{qualname}" if getattr(sys.modules.get(module), qualname, None) is fn else None
+
+
+def json_spec(spec: SpecLike, what: str) -> Union[None, int, str, list]:
+    """A spec in the JSON-able form edits keep: slices become ``"start:stop:step"`` strings, ranges and
+    tuples lists; token specs and tensors are refused (an edit applies to every forward pass)."""
+    if spec is None:
+        return None
+    if isinstance(spec, Tensor):
+        raise ValueError(f"{what} positions of an edit must be a spec (an index, a slice string, a list), "
+                         "not a tensor: an edit applies to every forward pass, whatever its batch.")
+    check_spec(spec, what)
+    if isinstance(spec, Token):
+        raise ValueError(
+            f"{what} spec {spec!r}: edits apply to every forward pass and see no prompt text, so a token "
+            "position cannot be resolved; give an index (-1), a slice string (':3') or a list."
+        )
+    if isinstance(spec, bool):
+        raise ValueError(f"{what} spec must be an int, a spec string or a list, got {spec!r}.")
+    if isinstance(spec, (int, str)):
+        return spec
+    if isinstance(spec, slice):
+        return ":".join("" if v is None else str(int(v)) for v in (spec.start, spec.stop, spec.step))
+    if isinstance(spec, range):
+        return list(spec)
+    return [json_spec(s, what) for s in spec]
 
 
 def table(edits: Edits) -> str:
@@ -204,4 +230,4 @@ def _read_manifest(text: Any, where: str) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["function_path", "read_edits", "table", "write_edits"]
+__all__ = ["function_path", "json_spec", "read_edits", "table", "write_edits"]

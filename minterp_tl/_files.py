@@ -46,3 +46,6 @@ def save_png(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
     with ``Figure(...)`` need no pyplot, so plotting never changes the caller's matplotlib backend
     (inline figures in notebooks keep working)."""
     return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
+
+
+__all__ = ["atomic_write", "save_png"]

@@ -154,3 +154,6 @@ def _check_prompts(prompts: Any) -> Union[tuple[str, ...], Tensor, tuple[tuple[i
         f"[batch, pos], or a non-empty list of non-empty token-id lists; got {type(prompts).__name__} "
         f"{str(prompts)[:80]!r}."
     )
+
+
+__all__ = ["Prompts", "RepresentationContext"]

@@ -56,7 +56,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from minterp_tl import _deprecated, _edit_files
 from minterp_tl._checks import did_you_mean
-from minterp_tl.hooks import hook_layout
+from minterp_tl.hooks import firing_order, hook_layout
 from minterp_tl.interventions import (
     MODES,
     BatchLayout,
@@ -68,7 +68,7 @@ from minterp_tl.interventions import (
     resolve_steps,
 )
 from minterp_tl.names import NameSpec, expand_name
-from minterp_tl.specs import SpecLike, Token, check_spec, resolve
+from minterp_tl.specs import SpecLike, resolve
 from minterp_tl.store import SaveReport
 
 EditKind = Mode
@@ -149,62 +149,6 @@ def _spec_text(spec: Any) -> str:
     return ",".join(str(s) for s in spec) if isinstance(spec, list) else str(spec)
 
 
-def json_spec(spec: SpecLike, what: str) -> Union[None, int, str, list]:
-    """A spec in the JSON-able form edits keep: slices become ``"start:stop:step"`` strings, ranges and
-    tuples lists; token specs and tensors are refused (an edit applies to every forward pass)."""
-    if spec is None:
-        return None
-    if isinstance(spec, Tensor):
-        raise ValueError(f"{what} positions of an edit must be a spec (an index, a slice string, a list), "
-                         "not a tensor: an edit applies to every forward pass, whatever its batch.")
-    check_spec(spec, what)
-    if isinstance(spec, Token):
-        raise ValueError(
-            f"{what} spec {spec!r}: edits apply to every forward pass and see no prompt text, so a token "
-            "position cannot be resolved; give an index (-1), a slice string (':3') or a list."
-        )
-    if isinstance(spec, bool):
-        raise ValueError(f"{what} spec must be an int, a spec string or a list, got {spec!r}.")
-    if isinstance(spec, (int, str)):
-        return spec
-    if isinstance(spec, slice):
-        return ":".join("" if v is None else str(int(v)) for v in (spec.start, spec.stop, spec.step))
-    if isinstance(spec, range):
-        return list(spec)
-    return [json_spec(s, what) for s in spec]
-
-
-# --------------------------------------------------------------------------------------------------
-# The order hooks fire in
-# --------------------------------------------------------------------------------------------------
-
-_FIRING_ORDER: "weakref.WeakKeyDictionary[TransformerBridge, dict[int, int]]" = weakref.WeakKeyDictionary()
-
-
-def _firing_order(model: TransformerBridge) -> dict[int, int]:
-    """``{id(hook point): rank}`` in the order one forward pass reaches them (measured once per model
-    on a two-token input; hook points that did not fire rank after, in registration order)."""
-    order = _FIRING_ORDER.get(model)
-    if order is not None:
-        return order
-    fired: list[int] = []
-    points = {id(hp): hp for hp in model.hook_dict.values()}
-    handles = [(hp, hp.add_hook(lambda x, hook: fired.append(id(hook)), dir="fwd")) for hp in points.values()]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device), return_type=None)
-    finally:
-        for hp, handle in handles:
-            handle.hook.remove()
-            if handle in hp.fwd_hooks:
-                hp.fwd_hooks.remove(handle)
-    order = {}
-    for key in fired + list(points):
-        order.setdefault(key, len(order))
-    _FIRING_ORDER[model] = order
-    return order
-
-
 # --------------------------------------------------------------------------------------------------
 # The set of edits on a model
 # --------------------------------------------------------------------------------------------------
@@ -265,8 +209,8 @@ class Edits:
         self._check_name(name)
         iv = intervention
         stored = Intervention(
-            iv.hook, iv.mode, iv.value, layers=iv.layers, positions=json_spec(iv.positions, "position"),
-            heads=json_spec(iv.heads, "head"), neurons=json_spec(iv.neurons, "index"), alpha=iv.alpha,
+            iv.hook, iv.mode, iv.value, layers=iv.layers, positions=_edit_files.json_spec(iv.positions, "position"),
+            heads=_edit_files.json_spec(iv.heads, "head"), neurons=_edit_files.json_spec(iv.neurons, "index"), alpha=iv.alpha,
             fn=iv.fn, kwargs=iv.kwargs,
         )
         steps = tuple(resolve_steps(self.model, stored, what=f"Edit {name!r}"))
@@ -574,7 +518,7 @@ class Edits:
         """``(hook name, edit)`` pairs in the order they apply on a forward pass (see the module
         docstring), disabled edits included."""
         with self.paused():
-            order = _firing_order(self.model)
+            order = firing_order(self.model)
         position = {name: i for i, name in enumerate(self._edits)}
         pairs = [(hook, e) for e in self._edits.values() for hook in e.hooks]
         return sorted(pairs, key=lambda p: (order[id(self.model.hook_dict[p[0]])], position[p[1].name]))
@@ -657,4 +601,4 @@ def function_path(fn: Callable) -> Optional[str]:
     return _edit_files.function_path(fn)
 
 
-__all__ = ["Edit", "EditFunction", "EditKind", "Edits", "KINDS", "function_path", "json_spec"]
+__all__ = ["Edit", "EditFunction", "EditKind", "Edits", "KINDS", "function_path"]

@@ -309,3 +309,12 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
                               "sweep recomputes more. patching.fast_path_status(model) shows the decision.",
                               RuntimeWarning, stacklevel=4)  # the caller of the patching function
     return status
+
+
+__all__ = [
+    "CorruptedRun",
+    "FastPathStatus",
+    "TOLERANCE",
+    "check",
+    "last_status",
+]

@@ -8,7 +8,8 @@ Every module that selects positions, heads or neurons of an activation asks here
 - :func:`gather` / :func:`scatter` -- read / write the region of an activation selected by per-prompt
   positions and by units of one more axis (heads, or the neurons of the last axis);
 - :data:`SWITCHES` -- hook points that exist on a bridge but run only when a switch is on;
-- :func:`layer_of` -- the block a canonical hook name belongs to.
+- :func:`layer_of` -- the block a canonical hook name belongs to;
+- :func:`firing_order` -- the order one forward pass reaches the hook points.
 
 Layouts (TransformerLens's): ``pattern`` / ``attn_scores`` are ``[batch, head, query_pos, key_pos]``;
 ``q``, ``k``, ``v``, ``z``, ``result``, ``rot_q``, ``rot_k`` are ``[batch, pos, head, d_head]``; every other
@@ -17,6 +18,7 @@ hook with at least two axes is ``[batch, pos, ...]``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
@@ -172,4 +174,31 @@ def scatter(
     return out
 
 
-__all__ = ["SWITCHES", "WriteMode", "gather", "has_heads", "hook_layout", "layer_of", "n_heads", "scatter"]
+_FIRING_ORDER: "weakref.WeakKeyDictionary[Any, dict[int, int]]" = weakref.WeakKeyDictionary()
+
+
+def firing_order(model: Any) -> dict[int, int]:
+    """``{id(hook point): rank}`` in the order one forward pass reaches them (measured once per model
+    on a two-token input; hook points that did not fire rank after, in registration order)."""
+    order = _FIRING_ORDER.get(model)
+    if order is not None:
+        return order
+    fired: list[int] = []
+    points = {id(hp): hp for hp in model.hook_dict.values()}
+    handles = [(hp, hp.add_hook(lambda x, hook: fired.append(id(hook)), dir="fwd")) for hp in points.values()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device), return_type=None)
+    finally:
+        for hp, handle in handles:
+            handle.hook.remove()
+            if handle in hp.fwd_hooks:
+                hp.fwd_hooks.remove(handle)
+    order = {}
+    for key in fired + list(points):
+        order.setdefault(key, len(order))
+    _FIRING_ORDER[model] = order
+    return order
+
+
+__all__ = ["SWITCHES", "WriteMode", "firing_order", "gather", "has_heads", "hook_layout", "layer_of", "n_heads", "scatter"]

@@ -305,3 +305,5 @@ def logit_lens(
     return LensResult(torch.stack(rows).detach(), positions_t, out.batch, labels, model,
                       getattr(model, "tokenizer", None), positive_int(memory_budget, "memory_budget"))
 
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "LensResult", "logit_lens", "readout"]

@@ -33,7 +33,6 @@ the head axis to the saved heads: ``blocks.0.hook_resid_post`` saved at ``"last"
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,11 +43,11 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from minterp_tl import _deprecated
+from minterp_tl import _deprecated, _state_files
 from minterp_tl import hooks as _hooks
 from minterp_tl.interventions import Intervention
 from minterp_tl.specs import SpecLike, check_spec
-from minterp_tl.store import SaveReport, StateStore
+from minterp_tl.store import SaveReport
 
 Transform = Callable[[Tensor], Tensor]
 """A function applied to a saved state before it is loaded: saved selection -> value to write."""
@@ -507,56 +506,16 @@ class StateManager:
         return cls.read(path)
 
     def write(self, path: Union[str, os.PathLike]) -> SaveReport:
-        """Write every held state to a :class:`minterp_tl.store.StateStore` at ``path`` (a directory).
-
-        Each state's tensor is stored under its display key (``"name"`` or ``"tag/name"``, see
-        :func:`format_key`), its positions (if any) under ``key + "#positions"``; tags, heads, axes and
-        token strings go into the store's metadata. Saving again rewrites only the states that changed
-        (the store compares content hashes), and a state dropped from the manager is dropped from the
-        store. Phase configs (``StateConfig``) hold functions and are not saved.
-
-        Args:
-            path: The store's directory (created if needed).
-
-        Returns:
-            The store's :class:`minterp_tl.store.SaveReport`.
+        """Write every held state to a :class:`minterp_tl.store.StateStore` at ``path`` (a folder, created
+        if needed): tensors under their display keys, selections, tags and token strings in the metadata
+        (see :func:`minterp_tl._state_files.write_states`). Writing again rewrites only the states that
+        changed; a state dropped from the manager is dropped from the store. Phase configs are not written.
 
         Raises:
             ValueError: If two keys have the same display form (a tag containing ``"/"``), or a tensor
                 has a dtype the store cannot hold.
         """
-        tensors: dict[str, Tensor] = {}
-        entries: list[dict[str, Any]] = []
-        state_keys = {format_key(*state.key) for state in self._states.values()}
-        for state in self._states.values():
-            key = format_key(*state.key)
-            if key in tensors:
-                raise ValueError(
-                    f"Cannot save states {state.key!r} and another key to one store: both are named {key!r} "
-                    "(a tag containing '/'); rename the tag."
-                )
-            tensors[key] = state.tensor
-            positions_key = None
-            if state.positions is not None:  # a key no state has (a state may be named "x#positions")
-                positions_key = key + "#positions"
-                while positions_key in state_keys or positions_key in tensors:
-                    positions_key += "#"
-                tensors[positions_key] = state.positions
-            entries.append(
-                {
-                    "key": key,
-                    "positions_key": positions_key,
-                    "tag": state.tag,
-                    "name": state.name,
-                    "positions": state.positions is not None,
-                    "heads": None if state.heads is None else list(state.heads),
-                    "pos_axis": state.pos_axis,
-                    "head_axis": state.head_axis,
-                    "str_tokens": None if state.str_tokens is None else [list(t) for t in state.str_tokens],
-                }
-            )
-        metadata = {"minterp_tl.kind": "StateManager", "minterp_tl.states": json.dumps(entries)}
-        return StateStore(path).save(tensors, metadata)
+        return _state_files.write_states(list(self._states.values()), path)
 
     @classmethod
     def read(cls, path: Union[str, os.PathLike]) -> StateManager:
@@ -567,35 +526,11 @@ class StateManager:
             ValueError: If ``path`` holds no store, a store not written by :meth:`write`, or a damaged
                 file (the message names the tensor).
         """
-        store = StateStore(path)
-        tensors = store.load()
-        metadata = store.metadata
-        if metadata.get("minterp_tl.kind") != "StateManager":
-            raise ValueError(
-                f"The store at {str(path)!r} was not written by StateManager.write (its metadata has no "
-                "'minterp_tl.kind': 'StateManager')."
-            )
         manager = cls()
-        try:
-            entries = json.loads(metadata["minterp_tl.states"])
-            for e in entries:
-                positions_key = e.get("positions_key") or e["key"] + "#positions"
-                manager.set(
-                    SavedState(
-                        tensor=tensors[e["key"]],
-                        name=e["name"],
-                        tag=e["tag"],
-                        positions=tensors[positions_key] if e["positions"] else None,
-                        heads=None if e["heads"] is None else tuple(int(h) for h in e["heads"]),
-                        pos_axis=e["pos_axis"],
-                        head_axis=e["head_axis"],
-                        str_tokens=None if e["str_tokens"] is None else tuple(tuple(t) for t in e["str_tokens"]),
-                    )
-                )
-        except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as err:
-            raise ValueError(f"The states saved at {str(path)!r} have a malformed description "
-                             f"({type(err).__name__}: {str(err)[:120]}).") from None
+        for state in _state_files.read_states(path):
+            manager.set(state)
         return manager
+
 
 def _tag(legacy: tuple[str, ...], tag: str, method: str) -> str:
     """``tag``, or the deprecated positional tag of ``StateManager.<method>(name, tag)``."""

@@ -493,3 +493,13 @@ class Experiment:
         for p in tqdm(self.phases, desc="phases", disable=not progress):
             results[p.name] = self.wrapper.run(p.context, self.manager, phase=p.name)
         return ExperimentResult(results, self.manager)
+
+
+__all__ = [
+    "Batch",
+    "Experiment",
+    "ExperimentResult",
+    "ModelWrapper",
+    "Phase",
+    "RunResult",
+]

@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformer_lens import patching as tl_patching
 
-from minterp_tl import fast_path, patching
+from minterp_tl import _patch_engine, fast_path, patching
 from minterp_tl.fast_path import CorruptedRun, FastPathStatus
 
 TOL = 1e-4
@@ -34,13 +34,13 @@ def _metric(clean_logits):
 def _counting(monkeypatch) -> list[tuple[int, int, int]]:
     """Record (copies, l0, p0) of every chunk's forward."""
     seen: list[tuple[int, int, int]] = []
-    real = patching._forward
+    real = _patch_engine._forward
 
     def forward(run, copies, l0, p0, *args, **kwargs):
         seen.append((copies, l0, p0))
         return real(run, copies, l0, p0, *args, **kwargs)
 
-    monkeypatch.setattr(patching, "_forward", forward)
+    monkeypatch.setattr(_patch_engine, "_forward", forward)
     return seen
 
 

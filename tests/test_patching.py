@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from minterp_tl import patching
+from minterp_tl import _patch_engine, patching
 from minterp_tl.fast_path import FastPathStatus
 
 TOL = 1e-4
@@ -197,13 +197,13 @@ def test_unchanged_patches_run_no_forward_and_match_transformer_lens(toys, monke
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
     copies = []
-    real_forward = patching._forward
+    real_forward = _patch_engine._forward
 
     def counting_forward(run, n, *args, **kwargs):
         copies.append(n)
         return real_forward(run, n, *args, **kwargs)
 
-    monkeypatch.setattr(patching, "_forward", counting_forward)
+    monkeypatch.setattr(_patch_engine, "_forward", counting_forward)
     ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False, max_batch=64)
     computed = sum(copies)
     copies.clear()

@@ -1,0 +1,255 @@
+"""The batched patching engine: many patched copies of a corrupted batch per forward pass.
+
+Each patched copy of the corrupted batch is patched by its own setter, called as TransformerLens's patch
+setters are: ``setter(corrupted_activation, index, clean_activation)``. Copies are stacked along the batch
+so one forward pass runs many patches; a chunk fits the memory budget. With the fast path
+(:mod:`minterp_tl.fast_path`) a chunk starts at its lowest patched block and first changed position,
+from the corrupted run's residual and key/value cache, so work a patch cannot change is not recomputed.
+Used by :mod:`minterp_tl.patching`; private.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from minterp_tl._checks import positive_int
+from minterp_tl.fast_path import CorruptedRun, FastPathStatus, check
+from minterp_tl.hooks import hook_layout
+
+
+# --------------------------------------------------------------------------------------------------
+# The batched engine
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_memory(device: torch.device) -> int:
+    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: ``MemAvailable``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def _bytes_per_sequence(model: Any, n_pos: int) -> int:
+    """A generous estimate of the memory one sequence of ``n_pos`` tokens takes in a forward pass:
+    its logits plus the largest transient activations (MLP hidden, attention scores and pattern)."""
+    cfg = model.cfg
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    floats = n_pos * (cfg.d_vocab + 12 * cfg.d_model + 3 * d_mlp) + 3 * cfg.n_heads * n_pos * n_pos
+    return 4 * floats
+
+
+def check_sizes(max_batch: Optional[int], memory_budget: Optional[int]) -> None:
+    """``max_batch`` and ``memory_budget`` are ``None`` or positive integers (checked before any compute)."""
+    if max_batch is not None:
+        positive_int(max_batch, "max_batch")
+    if memory_budget is not None:
+        positive_int(memory_budget, "memory_budget")
+
+
+def copies_per_forward(
+    model: Any,
+    batch: int,
+    n_pos: int,
+    *,
+    max_batch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> int:
+    """How many patched copies of a ``[batch, n_pos]`` corrupted batch run in one forward pass.
+
+    Args:
+        model: The model (its config sizes the estimate).
+        batch: Sequences per copy (the corrupted batch size).
+        n_pos: Tokens per sequence.
+        max_batch: The most sequences in one forward (default 128 on CPU and 512 on GPU).
+        memory_budget: Bytes a forward may use (default: a quarter of the free memory).
+    """
+    check_sizes(max_batch, memory_budget)
+    device = torch.device(model.cfg.device)
+    max_batch = (512 if device.type == "cuda" else 128) if max_batch is None else max_batch
+    memory_budget = _free_memory(device) // 4 if memory_budget is None else memory_budget
+    by_memory = memory_budget // (batch * _bytes_per_sequence(model, n_pos))
+    return int(max(1, min(max_batch // batch, by_memory)))
+
+
+@dataclass(frozen=True, eq=False)
+class Patch:
+    """One patched copy: TL-style ``setter(corrupted, index, clean)`` at hook ``name`` of block ``layer``
+    (nothing below that block can change)."""
+
+    name: str
+    setter: Callable
+    index: Sequence[int]
+    clean: Tensor
+    layer: int
+
+
+def _first_change(patch: Patch, corrupted: CorruptedRun) -> Optional[int]:
+    """The first position at which ``patch`` changes the corrupted activation, or ``None`` when it changes
+    nothing (bit for bit).
+
+    In its patched run a patch's hook sees the corrupted run's own activation (nothing upstream of it is
+    patched), so this is exact for any setter, also one that writes before its index's position: by
+    causality the patched run equals the corrupted run before the returned position.
+    """
+    act = corrupted.acts.get(patch.name)
+    if act is None:
+        return 0
+    out = patch.setter(act.clone(), patch.index, patch.clean)
+    if not isinstance(out, Tensor) or out.shape != act.shape:
+        return 0  # an unusual setter: run it from position 0 (the hook then reports what it returned)
+    changed = out != act
+    if not bool(changed.any()):
+        return None
+    pos_axis, _ = hook_layout(patch.name, act.ndim)
+    if pos_axis is None:
+        return 0
+    per_pos = changed.movedim(pos_axis, 0).reshape(act.shape[pos_axis], -1).any(dim=1)
+    return int(per_pos.nonzero()[0, 0])
+
+
+_FORWARD_OVERHEAD = 4.0
+"""The fixed cost of one forward pass, in sequence-forwards (measured on SmolLM2, 2 CPU threads: a
+batch-1 forward costs about as much as 4 sequences of a batch-64 one)."""
+
+
+def _tiles(starts: Sequence[tuple[int, int]], per_forward: int, n_layers: int, n_pos: int) -> list[list[int]]:
+    """Group patches, given as their ``(start layer, start position)``, into chunks of at most
+    ``per_forward`` copies that share a high start layer and start position: tiles of the (layer, position)
+    plane, of the shape that minimises the modelled cost
+    ``sum over chunks of (overhead + sum over members of (n_layers - l0) (n_pos - p0) / (n_layers n_pos))``."""
+    keys = list(starts)
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for key in keys:
+        counts[key] += 1
+
+    def cost(tile_l: int, tile_p: int) -> float:
+        tiles: dict[tuple[int, int], int] = defaultdict(int)
+        for (l, q), c in counts.items():
+            tiles[(l // tile_l, q // tile_p)] += c
+        total = 0.0
+        for (tl_, tp_), c in tiles.items():
+            work = (n_layers - tl_ * tile_l) * (n_pos - tp_ * tile_p) / (n_layers * n_pos)
+            total += -(-c // per_forward) * _FORWARD_OVERHEAD + c * work
+        return total
+
+    sizes_l = sorted({max(1, n_layers // d) for d in range(1, n_layers + 1)})
+    sizes_p = sorted({max(1, n_pos // d) for d in range(1, n_pos + 1)})
+    tile_l, tile_p = min(((a, b) for a in sizes_l for b in sizes_p), key=lambda ab: cost(*ab))
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i in order:
+        groups[(keys[i][0] // tile_l, keys[i][1] // tile_p)].append(i)
+    chunks = []
+    for key in sorted(groups):
+        members = groups[key]
+        chunks += [members[j : j + per_forward] for j in range(0, len(members), per_forward)]
+    return chunks
+
+
+def _forward(
+    run: CorruptedRun, copies: int, l0: int, p0: int, hooks: list, last_only: bool = False
+) -> Float[Tensor, "rows pos d_vocab"]:
+    """One chunk's forward (:meth:`CorruptedRun.forward`); the one place chunks run, so tests can count."""
+    return run.forward(copies, l0, p0, hooks, last_only)
+
+
+def run_patched(
+    model: Any,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    patches: Sequence[Patch],
+    on_logits: Callable[[int, Tensor], None],
+    *,
+    max_batch: Optional[int],
+    memory_budget: Optional[int],
+    progress: bool,
+    last_only: bool = False,
+    skip_noops: bool = True,
+) -> None:
+    """Run every patch, many per forward pass.
+
+    With ``skip_noops``, a patch that leaves the corrupted activation bit-for-bit unchanged (clean and
+    corrupted agree there -- e.g. every position before the first token where the prompts differ, by
+    causality) runs no forward at all: its patched run is the corrupted run, whose logits it gets.
+
+    Each patched copy of the corrupted batch is patched by its own setter, called as TL's patch
+    setters are: ``setter(corrupted_activation, index, clean_activation)`` on the copy's own
+    ``[batch, ...]`` slice. Where this call's check finds it exact (:func:`minterp_tl.fast_path.check`), a
+    chunk starts at its lowest patched block, from the corrupted run's residual there, and at its
+    lowest first-affected position, from the corrupted run's key/value cache: what a patch cannot
+    change is not recomputed. The hooks then see only positions ``p0..``; each setter still gets the
+    full-length activation (the corrupted prefix is put in front), so any setter works unchanged.
+    ``on_logits(patch number, logits [batch, pos, d_vocab])`` gets full-length logits (the prefix
+    from the corrupted run) -- or, with ``last_only`` on the skipping path, only the last position's
+    ``[batch, 1, d_vocab]`` (for metrics that read nothing else).
+    """
+    b, n_pos = corrupted_tokens.shape
+    n_layers = model.cfg.n_layers
+    per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
+    corrupted = CorruptedRun(model, corrupted_tokens, {p.name for p in patches})
+    todo, first = [], {}
+    for i, patch in enumerate(patches):
+        change = _first_change(patch, corrupted)
+        if skip_noops and change is None:
+            on_logits(i, corrupted.logits)  # the patched run *is* the corrupted run
+        else:
+            todo.append(i)
+            first[i] = change or 0
+    status = check(model, corrupted) if todo else FastPathStatus(False, False, False, "no patch needed a forward")
+    last_only = last_only and status.last_only
+    starts = [(patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo]
+    chunks = [[todo[j] for j in chunk] for chunk in _tiles(starts, per_forward, n_layers, n_pos)]
+    for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
+        l0 = min(patches[i].layer for i in chunk) if status.layers else 0
+        p0 = min(first[i] for i in chunk) if status.positions else 0
+        by_name: dict[str, list[tuple[int, Patch]]] = defaultdict(list)
+        for c, i in enumerate(chunk):
+            by_name[patches[i].name].append((c, patches[i]))
+
+        def make_hook(name: str, items: list[tuple[int, Patch]]):
+            pos_axis, _ = hook_layout(name, 4)
+
+            def hook(act: Tensor, hook: Any = None) -> Tensor:
+                act = act.clone()
+                prefix = None
+                if p0 > 0:
+                    prefix = corrupted.acts[name].narrow(pos_axis, 0, p0)
+                for c, patch in items:
+                    part = act[c * b : (c + 1) * b]
+                    full = part if prefix is None else torch.cat([prefix, part], dim=pos_axis)
+                    out = patch.setter(full, patch.index, patch.clean)
+                    if prefix is not None:
+                        if not torch.equal(out.narrow(pos_axis, 0, p0), prefix):
+                            raise RuntimeError(
+                                f"the patch setter for {name} at index {list(patch.index)} changed positions before "
+                                f"{p0} in the patched run, but not when it was called on the corrupted activation "
+                                "beforehand: setters must be deterministic functions of (activation, index, clean).")
+                        out = out.narrow(pos_axis, p0, out.shape[pos_axis] - p0)
+                    if out is not part:
+                        act[c * b : (c + 1) * b] = out
+                return act
+
+            return hook
+
+        hooks = [(n, make_hook(n, items)) for n, items in by_name.items()]
+        logits = _forward(corrupted, len(chunk), l0, p0, hooks, last_only)
+        for c, i in enumerate(chunk):
+            out = logits[c * b : (c + 1) * b]
+            if p0 > 0 and not last_only:
+                out = torch.cat([corrupted.logits[:, :p0], out], dim=1)
+            on_logits(i, out)
+__all__ = ["Patch", "check_sizes", "copies_per_forward", "run_patched"]
