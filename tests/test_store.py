@@ -382,7 +382,7 @@ def test_two_processes_writing_concurrently_leave_a_consistent_store(tmp_path):
 # ---- StateManager through the store ----------------------------------------------------------------
 
 
-def test_state_manager_save_load_round_trip(tmp_path, toys):
+def test_state_manager_write_read_round_trip(tmp_path, toys):
     from minterp_tl.context import RepresentationContext
     from minterp_tl.state import SaveRule, StateConfig
     from minterp_tl.wrapper import ModelWrapper
@@ -396,9 +396,9 @@ def test_state_manager_save_load_round_trip(tmp_path, toys):
     ModelWrapper(model).run(ctx, sm, phase="clean")
     sm.put("steer", torch.randn(model.cfg.d_model).to(torch.bfloat16))
     sm.put("mask", torch.rand(4, 4) > 0.5, tag="masks")
-    report = sm.save(tmp_path / "sm")
+    report = sm.write(tmp_path / "sm")
     assert len(report.written) == 5 + 2  # two saves with positions add a "#positions" tensor each
-    loaded = StateManager.load(tmp_path / "sm")
+    loaded = StateManager.read(tmp_path / "sm")
     assert loaded.keys() == sm.keys()
     for a, b in zip(sm, loaded):
         assert a.tensor.dtype == b.tensor.dtype and torch.equal(a.tensor, b.tensor)
@@ -408,8 +408,8 @@ def test_state_manager_save_load_round_trip(tmp_path, toys):
         assert (a.heads, a.pos_axis, a.head_axis, a.str_tokens) == (b.heads, b.pos_axis, b.head_axis, b.str_tokens)
     # saving again after one change rewrites only that state
     sm.put("steer", torch.zeros(model.cfg.d_model))
-    again = sm.save(tmp_path / "sm")
+    again = sm.write(tmp_path / "sm")
     assert again.written == ["steer"] and len(again.unchanged) == 6
-    with pytest.raises(ValueError, match="not written by StateManager.save"):
+    with pytest.raises(ValueError, match="not written by StateManager.write"):
         StateStore(tmp_path / "other").save({"a": torch.ones(1)})
-        StateManager.load(tmp_path / "other")
+        StateManager.read(tmp_path / "other")
