@@ -445,10 +445,10 @@ def test_masks_save_and_load(toys, tmp_path):
         expected = c(x)
         state = c.mask_state()
         assert any(k.endswith("bias_logits") for k in state)
-        report = c.save_masks(path)
+        report = c.write_masks(path)
         assert sorted(report.written) == sorted(state)
-        assert c.save_masks(path).written == []  # unchanged masks are not rewritten
-    with CircuitModel.load(path, model) as again:
+        assert c.write_masks(path).written == []  # unchanged masks are not rewritten
+    with CircuitModel.read(path, model) as again:
         again.eval()
         assert again.config == cfg
         assert all(torch.equal(again.mask_state()[k], v) for k, v in state.items())
@@ -456,9 +456,9 @@ def test_masks_save_and_load(toys, tmp_path):
     other = CircuitConfig("hard_concrete", {**HC, "mask_bias": True}, ("attn[1]",))
     with CircuitModel(other, model) as c:
         with pytest.raises(ValueError, match="do not match"):
-            c.load_masks(path)
+            c.read_masks(path)
     with pytest.raises(ValueError, match="no saved masks"):
-        CircuitModel.load(tmp_path / "missing", model)
+        CircuitModel.read(tmp_path / "missing", model)
 
 
 def test_one_circuit_per_model_and_bad_arguments(toys):

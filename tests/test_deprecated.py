@@ -74,3 +74,20 @@ def test_edits_old_spellings(tmp_path, toys) -> None:
         loaded = Edits.load(model, tmp_path / "e")
     assert torch.equal(model(tokens), old)
     loaded.clear()
+
+
+def test_circuit_mask_disk_verbs(tmp_path, toys) -> None:
+    from minterp_tl.circuits import CircuitConfig, CircuitModel
+
+    model = toys["ln"]
+    hc = dict(ablation="none", mask_unit="weight", mask_bias=False, mask_init_percentage=0.7)
+    with CircuitModel(CircuitConfig("hard_concrete", hc, ("attn[::2]",)), model) as circuit:
+        with pytest.warns(DeprecationWarning, match="CircuitModel.save_masks is deprecated; use CircuitModel.write_masks"):
+            circuit.save_masks(tmp_path / "m")
+        with pytest.warns(DeprecationWarning, match="CircuitModel.load_masks"):
+            circuit.load_masks(tmp_path / "m")
+        state = circuit.mask_state()
+    with pytest.warns(DeprecationWarning, match="CircuitModel.load is deprecated; use CircuitModel.read"):
+        again = CircuitModel.load(tmp_path / "m", model)
+    with again:
+        assert all(torch.equal(state[k], v) for k, v in again.mask_state().items())

@@ -108,7 +108,7 @@ def test_tampered_circuit_masks_are_a_clear_error(tmp_path, toys):
     cfg = CircuitConfig(mask_hparams=dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=1.0),
                         target_layers=("attn.W_O",))
     with CircuitModel(cfg, model) as circuit:
-        circuit.save_masks(tmp_path / "m")
+        circuit.write_masks(tmp_path / "m")
     store = StateStore(tmp_path / "m")
     meta, tensors = store.metadata, store.load()
     for config in ("{", "[" * 50_000, json.dumps({"target_layers": 5}), json.dumps({"target_layers": [[1, 2]]}),
@@ -116,7 +116,7 @@ def test_tampered_circuit_masks_are_a_clear_error(tmp_path, toys):
                    json.dumps({"target_layers": ["attn.W_O"], "mask_hparams": []})):
         store.save(tensors, {**meta, "config": config})
         with pytest.raises(ValueError):
-            CircuitModel.load(tmp_path / "m", model)
+            CircuitModel.read(tmp_path / "m", model)
         assert _no_edit_hooks(model) and all(p.grad is None for p in model.parameters())
 
 

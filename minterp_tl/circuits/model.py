@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
+from minterp_tl import _deprecated
 from minterp_tl._checks import did_you_mean
 from minterp_tl.circuits.config import _WEIGHTS, ABLATIONS, CircuitConfig
 from minterp_tl.circuits.layer import _SAMPLED, _is_conv1d, _MaskLayer
@@ -338,8 +339,8 @@ class CircuitModel(nn.Module):
                 out[f"{layer.name}.{key}"] = tensor.detach().cpu().contiguous().clone()
         return out
 
-    def save_masks(self, root: Union[str, os.PathLike[str]]) -> Any:
-        """Save the mask parameters and the config to a :class:`minterp_tl.store.StateStore` directory.
+    def write_masks(self, root: Union[str, os.PathLike[str]]) -> Any:
+        """Write the mask parameters and the config to a :class:`minterp_tl.store.StateStore` directory.
 
         The store writes each tensor as safetensors (temporary file, then rename) and rewrites only
         the tensors that changed since the last save to the same directory.
@@ -363,26 +364,26 @@ class CircuitModel(nn.Module):
             meta["temperature"] = repr(self.temperature)
         return StateStore(root).save(self.mask_state(), meta)
 
-    def load_masks(self, root: Union[str, os.PathLike[str]]) -> None:
-        """Load mask parameters written by :meth:`save_masks` into this CircuitModel.
+    def read_masks(self, root: Union[str, os.PathLike[str]]) -> None:
+        """Read mask parameters written by :meth:`write_masks` into this CircuitModel.
 
         Raises:
             ValueError: Nothing saved there, or its tensors do not match this model's masks (names or
                 shapes; the message lists the differences), or a stored file fails its hash check.
         """
-        tensors, meta = _read_store(root, "load_masks")
+        tensors, meta = _read_store(root, "read_masks")
         mine = self.mask_state()
         if set(tensors) != set(mine):
             missing = sorted(set(mine) - set(tensors))
             extra = sorted(set(tensors) - set(mine))
             raise ValueError(
-                f"load_masks: the masks at {str(root)!r} do not match this CircuitModel's masks; missing: "
+                f"read_masks: the masks at {str(root)!r} do not match this CircuitModel's masks; missing: "
                 f"{missing[:5]}, unexpected: {extra[:5]}"
             )
         for key, tensor in tensors.items():
             if tensor.shape != mine[key].shape:
                 raise ValueError(
-                    f"load_masks: {key} has shape {tuple(tensor.shape)} at {str(root)!r}, expected "
+                    f"read_masks: {key} has shape {tuple(tensor.shape)} at {str(root)!r}, expected "
                     f"{tuple(mine[key].shape)}"
                 )
         with torch.no_grad():
@@ -393,16 +394,32 @@ class CircuitModel(nn.Module):
             self.temperature = float(meta["temperature"])
 
     @classmethod
-    def load(cls, root: Union[str, os.PathLike[str]], model: TransformerBridge) -> CircuitModel:
-        """Rebuild a CircuitModel on ``model`` from masks written by :meth:`save_masks`."""
-        _, meta = _read_store(root, "CircuitModel.load")
+    def read(cls, root: Union[str, os.PathLike[str]], model: TransformerBridge) -> CircuitModel:
+        """Rebuild a CircuitModel on ``model`` from masks written by :meth:`write_masks`."""
+        _, meta = _read_store(root, "CircuitModel.read")
         circuit = cls(CircuitConfig.from_json(meta["config"]), model)
         try:
-            circuit.load_masks(root)
+            circuit.read_masks(root)
         except ValueError:
             circuit.detach()
             raise
         return circuit
+
+    def save_masks(self, root: Union[str, os.PathLike[str]]) -> Any:
+        """Deprecated spelling of :meth:`write_masks`."""
+        _deprecated.warn("CircuitModel.save_masks", "CircuitModel.write_masks")
+        return self.write_masks(root)
+
+    def load_masks(self, root: Union[str, os.PathLike[str]]) -> None:
+        """Deprecated spelling of :meth:`read_masks`."""
+        _deprecated.warn("CircuitModel.load_masks", "CircuitModel.read_masks")
+        self.read_masks(root)
+
+    @classmethod
+    def load(cls, root: Union[str, os.PathLike[str]], model: TransformerBridge) -> CircuitModel:
+        """Deprecated spelling of :meth:`read`."""
+        _deprecated.warn("CircuitModel.load", "CircuitModel.read")
+        return cls.read(root, model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,10 +521,10 @@ def _read_store(root: Union[str, os.PathLike[str]], caller: str) -> tuple[dict[s
 
     store = StateStore(root)
     if not store.exists():
-        raise ValueError(f"{caller}: no saved masks at {str(root)!r} (write them with save_masks)")
+        raise ValueError(f"{caller}: no saved masks at {str(root)!r} (write them with write_masks)")
     meta = store.metadata
     if meta.get("format") != _FORMAT or "config" not in meta:
-        raise ValueError(f"{caller}: the store at {str(root)!r} holds no masks written by save_masks")
+        raise ValueError(f"{caller}: the store at {str(root)!r} holds no masks written by write_masks")
     return store.load(), meta
 
 
