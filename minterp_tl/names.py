@@ -38,6 +38,10 @@ from typing import Optional, Union
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities import get_act_name
 
+__all__ = [
+    "KINDS", "NameSpec", "canonical_names", "expand_name", "resolve_name", "resolve_names", "short_name",
+]
+
 NameSpec = Union[str, tuple]
 """What :func:`resolve_name` accepts as ``name``: a string, or a tuple of ``get_act_name`` arguments."""
 
@@ -48,47 +52,17 @@ _BRIDGE_SUFFIXES: tuple[str, ...] = (".hook_in", ".hook_out")
 
 # Hook names (relative to ``blocks.{l}.``) that HookedTransformer models may have: a name built from
 # these that the model lacks "does not exist on this model" rather than being a typo.
-_STANDARD_BLOCK_HOOKS: frozenset[str] = frozenset(
-    {
-        "hook_resid_pre",
-        "hook_resid_mid",
-        "hook_resid_post",
-        "hook_attn_in",
-        "hook_q_input",
-        "hook_k_input",
-        "hook_v_input",
-        "hook_mlp_in",
-        "hook_attn_out",
-        "hook_mlp_out",
-        "attn.hook_q",
-        "attn.hook_k",
-        "attn.hook_v",
-        "attn.hook_z",
-        "attn.hook_attn_scores",
-        "attn.hook_pattern",
-        "attn.hook_result",
-        "attn.hook_rot_q",
-        "attn.hook_rot_k",
-        "mlp.hook_pre",
-        "mlp.hook_mid",
-        "mlp.hook_post",
-        "mlp.hook_pre_linear",
-        "ln1.hook_scale",
-        "ln1.hook_normalized",
-        "ln2.hook_scale",
-        "ln2.hook_normalized",
-    }
-)
-_STANDARD_GLOBAL_HOOKS: frozenset[str] = frozenset(
-    {
-        "hook_tokens",
-        "hook_embed",
-        "hook_pos_embed",
-        "hook_unembed",
-        "ln_final.hook_scale",
-        "ln_final.hook_normalized",
-    }
-)
+_STANDARD_BLOCK_HOOKS: frozenset[str] = frozenset({
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_in", "hook_q_input", "hook_k_input",
+    "hook_v_input", "hook_mlp_in", "hook_attn_out", "hook_mlp_out", "attn.hook_q", "attn.hook_k",
+    "attn.hook_v", "attn.hook_z", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_result",
+    "attn.hook_rot_q", "attn.hook_rot_k", "mlp.hook_pre", "mlp.hook_mid", "mlp.hook_post",
+    "mlp.hook_pre_linear", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
+})
+_STANDARD_GLOBAL_HOOKS: frozenset[str] = frozenset({
+    "hook_tokens", "hook_embed", "hook_pos_embed", "hook_unembed", "ln_final.hook_scale",
+    "ln_final.hook_normalized",
+})
 # Bridge module hooks, which exist on some architectures only (``mlp.hook_out`` on an MLP model, ...).
 _STANDARD_BRIDGE_BLOCK_HOOK = re.compile(r"(?:(?:attn|mlp|ln1|ln2)(?:\.\w+)?\.)?hook_(?:in|out)")
 _STANDARD_BRIDGE_GLOBAL_HOOK = re.compile(r"(?:embed|pos_embed|ln_final|unembed)\.hook_(?:in|out)")
@@ -102,33 +76,18 @@ _BLOCK_NAME = re.compile(r"blocks\.(-?\d+)\.(.+)")
 # get_act_name's own rule for a layer inside a short name: "k6", "scale4ln1".
 _EMBEDDED_LAYER = re.compile(r"([a-z]+)(\d+)([a-z]?.*)")
 _MINTERP_LAYER = re.compile(r"layer(?:_(-?\d+))?")
-_NNTERP_LAYER = re.compile(
-    r"(?:model\.)?layers\.(-?\d+)(?:\.(self_attn|attn|mlp))?(?:\.(input|output))?"
-)
+_NNTERP_LAYER = re.compile(r"(?:model\.)?layers\.(-?\d+)(?:\.(self_attn|attn|mlp))?(?:\.(input|output))?")
 _NNTERP_GLOBAL = re.compile(r"(?:model\.)?(embed_tokens|ln_final|norm|lm_head)(?:\.output)?")
 
 # get_act_name's aliases of short names: offered as suggestions when their target exists.
 _ACT_NAME_ALIASES: dict[str, str] = {
-    "attn": "pattern",
-    "attn_logits": "attn_scores",
-    "key": "k",
-    "query": "q",
-    "value": "v",
-    "mlp_pre": "pre",
-    "mlp_mid": "mid",
-    "mlp_post": "post",
+    "attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v", "mlp_pre": "pre",
+    "mlp_mid": "mid", "mlp_post": "post",
 }
 _GLOBAL_WORDS: tuple[str, ...] = ("embed", "lm_head", "logits", "embed_tokens", "ln_final", "norm")
 # nnterp spellings of one layer, "layers.{l}" + suffix: offered as suggestions.
 _NNTERP_SUFFIXES: tuple[str, ...] = (
-    "",
-    ".input",
-    ".output",
-    ".self_attn",
-    ".self_attn.input",
-    ".self_attn.output",
-    ".mlp",
-    ".mlp.input",
+    "", ".input", ".output", ".self_attn", ".self_attn.input", ".self_attn.output", ".mlp", ".mlp.input",
     ".mlp.output",
 )
 
@@ -316,11 +275,7 @@ _INDEX_CACHE: "weakref.WeakKeyDictionary[TransformerBridge, _HookIndex]" = weakr
 
 
 def _index(model: TransformerBridge) -> _HookIndex:
-    """Return the cached :class:`_HookIndex` of ``model``, building it on first use.
-
-    Args:
-        model: The model.
-    """
+    """The cached :class:`_HookIndex` of ``model``, built on first use."""
     index = _INDEX_CACHE.get(model)
     if index is None:
         index = _build_index(model)
@@ -329,11 +284,7 @@ def _index(model: TransformerBridge) -> _HookIndex:
 
 
 def _build_index(model: TransformerBridge) -> _HookIndex:
-    """Group ``model.hook_dict`` by hook point, choose canonical names and sort them into kinds.
-
-    Args:
-        model: The model.
-    """
+    """Group ``model.hook_dict`` by hook point, choose canonical names and sort them into kinds."""
     n_layers = int(model.cfg.n_layers)
     aliases: dict[int, list[str]] = {}
     for name, hook_point in model.hook_dict.items():
@@ -349,9 +300,7 @@ def _build_index(model: TransformerBridge) -> _HookIndex:
     for name in set(canonical.values()):
         grouped[_kind(name)].append(name)
     groups = {
-        kind: sorted(names, key=lambda n: _sort_key(n, n_layers))
-        for kind, names in grouped.items()
-        if names
+        kind: sorted(names, key=lambda n: _sort_key(n, n_layers)) for kind, names in grouped.items() if names
     }
 
     words = {short for short, _ in map(short_name, canonical.values()) if "." not in short}
@@ -361,13 +310,10 @@ def _build_index(model: TransformerBridge) -> _HookIndex:
 
 
 def _choose_canonical(names: list[str]) -> str:
-    """Pick the canonical name among the names of one hook point.
+    """The canonical name among ``names``, all the ``hook_dict`` names of one ``HookPoint``.
 
     HookedTransformer names (not ending in ``.hook_in`` / ``.hook_out``) win over bridge names; among
     several, ``blocks.{l}.hook_*`` / ``hook_*`` forms first, then the shortest, then alphabetical.
-
-    Args:
-        names: All ``hook_dict`` names of one ``HookPoint``.
     """
     legacy = [name for name in names if not name.endswith(_BRIDGE_SUFFIXES)]
     candidates = legacy or names
@@ -380,11 +326,7 @@ def _choose_canonical(names: list[str]) -> str:
 
 
 def _kind(canonical: str) -> str:
-    """Return the :func:`canonical_names` group of a canonical name.
-
-    Args:
-        canonical: A canonical name.
-    """
+    """The :func:`canonical_names` group of a canonical name."""
     if canonical.endswith(_BRIDGE_SUFFIXES):
         return "bridge"
     _, relative = _split_layer(canonical)
@@ -395,11 +337,7 @@ def _kind(canonical: str) -> str:
     if relative == "hook_unembed":
         return "unembed"
     if relative.startswith("attn.") or relative in (
-        "hook_attn_in",
-        "hook_attn_out",
-        "hook_q_input",
-        "hook_k_input",
-        "hook_v_input",
+        "hook_attn_in", "hook_attn_out", "hook_q_input", "hook_k_input", "hook_v_input"
     ):
         return "attn"
     if relative.startswith("mlp.") or relative in ("hook_mlp_in", "hook_mlp_out"):
@@ -410,12 +348,8 @@ def _kind(canonical: str) -> str:
 
 
 def _sort_key(canonical: str, n_layers: int) -> tuple[int, str]:
-    """Sort key: layer (pre-block globals as -1, post-block globals as ``n_layers``), then name.
-
-    Args:
-        canonical: A canonical name.
-        n_layers: Number of blocks of the model.
-    """
+    """Sort key of a canonical name: layer (pre-block globals as -1, post-block globals as ``n_layers``, the
+    model's number of blocks), then name."""
     layer, _ = _split_layer(canonical)
     if layer is None:
         layer = -1 if canonical.split(".")[0] in _PRE_BLOCK_ROOTS else n_layers
@@ -423,11 +357,7 @@ def _sort_key(canonical: str, n_layers: int) -> tuple[int, str]:
 
 
 def _split_layer(name: str) -> tuple[Optional[int], str]:
-    """Split ``"blocks.{l}.rest"`` into ``(l, "rest")``; other names into ``(None, name)``.
-
-    Args:
-        name: A hook name.
-    """
+    """Split ``"blocks.{l}.rest"`` into ``(l, "rest")``; other names into ``(None, name)``."""
     match = _BLOCK_NAME.fullmatch(name)
     if match is None:
         return None, name
@@ -442,13 +372,8 @@ def _split_layer(name: str) -> tuple[Optional[int], str]:
 def _unpack(
     name: NameSpec, layer: Optional[int], layer_type: Optional[str]
 ) -> tuple[str, Optional[int], Optional[str]]:
-    """Check the argument types and unpack a tuple ``name`` into ``(name, layer, layer_type)``.
-
-    Args:
-        name: As for :func:`resolve_name`.
-        layer: As for :func:`resolve_name`.
-        layer_type: As for :func:`resolve_name`.
-    """
+    """Check the argument types (as for :func:`resolve_name`) and unpack a tuple ``name`` into
+    ``(name, layer, layer_type)``."""
     if isinstance(name, tuple):
         if not 1 <= len(name) <= 3:
             raise ValueError(
@@ -457,9 +382,7 @@ def _unpack(
         if len(name) > 1 and layer is not None:
             raise ValueError(f"The layer is given twice: in the tuple {name!r} and as layer={layer!r}.")
         if len(name) > 2 and layer_type is not None:
-            raise ValueError(
-                f"The layer type is given twice: in {name!r} and as layer_type={layer_type!r}."
-            )
+            raise ValueError(f"The layer type is given twice: in {name!r} and as layer_type={layer_type!r}.")
         text = name[0]
         layer = name[1] if len(name) > 1 else layer
         layer_type = name[2] if len(name) > 2 else layer_type
@@ -493,12 +416,7 @@ def _resolve(
 ) -> str:
     """Resolve ``name`` (already unpacked) on the model of ``index``; see :func:`resolve_name`.
 
-    Args:
-        index: The model's index.
-        name: The name, a string.
-        layer: The layer, or ``None``.
-        layer_type: ``get_act_name``'s layer type, or ``None``.
-        suggest: Whether error messages list the closest real names (off while computing them).
+    ``suggest`` says whether error messages list the closest real names (off while computing them).
     """
     plain = layer is None and layer_type is None
 
@@ -537,13 +455,8 @@ def _resolve(
 
 
 def _minterp_or_nnterp(index: _HookIndex, name: str, layer: Optional[int]) -> Optional[str]:
-    """Return the (not yet validated) full name of a minterp / nnterp spelling, or ``None``.
-
-    Args:
-        index: The model's index.
-        name: The name.
-        layer: The ``layer`` argument, or ``None``.
-    """
+    """The (not yet validated) full name of a minterp / nnterp spelling ``name`` (with the ``layer``
+    argument, or ``None``), or ``None``."""
     minterp = _MINTERP_LAYER.fullmatch(name)
     if minterp is not None:
         if minterp.group(1) is not None:
@@ -577,18 +490,10 @@ def _minterp_or_nnterp(index: _HookIndex, name: str, layer: Optional[int]) -> Op
     return None
 
 
-def _lookup(
-    index: _HookIndex, asked: str, full: str, layer: Optional[int], suggest: bool = True
-) -> str:
-    """Return the canonical name of ``full``, or raise the most helpful ``ValueError``.
-
-    Args:
-        index: The model's index.
-        asked: The name as the caller wrote it (for messages).
-        full: The full name it was turned into.
-        layer: The caller's layer (for messages), or ``None``.
-        suggest: Whether the message lists the closest real names.
-    """
+def _lookup(index: _HookIndex, asked: str, full: str, layer: Optional[int], suggest: bool = True) -> str:
+    """The canonical name of ``full``, the full name that ``asked`` (as the caller wrote it, at the caller's
+    ``layer``) was turned into, or the most helpful ``ValueError`` (listing the closest real names if
+    ``suggest``)."""
     if full in index.canonical:
         return index.canonical[full]
     at = "" if layer is None else f" at layer {layer}"
@@ -605,28 +510,16 @@ def _lookup(
 
 
 def _is_standard(full: str) -> bool:
-    """Whether ``full`` is a well-formed hook name that some TransformerLens models have.
-
-    Args:
-        full: A full hook name.
-    """
+    """Whether the full hook name ``full`` is a well-formed one that some TransformerLens models have."""
     layer, relative = _split_layer(full)
     if layer is None:
         return full in _STANDARD_GLOBAL_HOOKS or _STANDARD_BRIDGE_GLOBAL_HOOK.fullmatch(full) is not None
-    return (
-        relative in _STANDARD_BLOCK_HOOKS
-        or _STANDARD_BRIDGE_BLOCK_HOOK.fullmatch(relative) is not None
-    )
+    return relative in _STANDARD_BLOCK_HOOKS or _STANDARD_BRIDGE_BLOCK_HOOK.fullmatch(relative) is not None
 
 
 def _check_layer(index: _HookIndex, name: str, layer: int) -> int:
-    """Range-check ``layer`` and turn a negative one into its positive index.
-
-    Args:
-        index: The model's index.
-        name: The name the layer belongs to (for the message).
-        layer: The layer, possibly negative.
-    """
+    """Range-check ``layer`` (of the hook ``name``, for the message) and turn a negative one into its
+    positive index."""
     n = index.n_layers
     if not -n <= layer < n:
         raise ValueError(
@@ -637,24 +530,13 @@ def _check_layer(index: _HookIndex, name: str, layer: int) -> int:
 
 
 def _no_second_layer(name: str, layer: Optional[int]) -> None:
-    """Raise if ``layer`` is given for a name that already contains its layer.
-
-    Args:
-        name: The name.
-        layer: The ``layer`` argument, or ``None``.
-    """
+    """Raise if the ``layer`` argument is given for a ``name`` that already contains its layer."""
     if layer is not None:
         raise ValueError(f"The layer is given twice: inside {name!r} and as layer={layer}.")
 
 
 def _needs_layer_message(index: _HookIndex, name: str, layer0: str) -> str:
-    """The message for a per-layer name given without a layer.
-
-    Args:
-        index: The model's index.
-        name: The name as the caller wrote it.
-        layer0: Its full name at layer 0.
-    """
+    """The message for a per-layer ``name`` given without a layer; ``layer0`` is its full name at layer 0."""
     return (
         f"Hook {name!r} is per-layer and needs a layer (0..{index.n_layers - 1}, or negative), e.g. "
         f"resolve_name(model, {name!r}, 0) -> {index.canonical[layer0]!r}."
@@ -667,11 +549,6 @@ def _suggest(index: _HookIndex, name: str, layer: Optional[int]) -> str:
     Matches ``name`` (and ``blocks.{layer}.name``, and the word before an embedded layer) against every
     ``hook_dict`` name, the model's short-name vocabulary and the nnterp names of the layer in question;
     short names are shown with what they resolve to.
-
-    Args:
-        index: The model's index.
-        name: The unknown name.
-        layer: The caller's layer, or ``None``.
     """
     digits = re.search(r"-?\d+", name)
     example_layer = layer if layer is not None else int(digits.group()) if digits else 0
@@ -702,13 +579,7 @@ def _suggest(index: _HookIndex, name: str, layer: Optional[int]) -> str:
 
 
 def _try_resolve(index: _HookIndex, name: str, layer: Optional[int]) -> Optional[str]:
-    """:func:`_resolve` that returns ``None`` instead of raising.
-
-    Args:
-        index: The model's index.
-        name: The name.
-        layer: The layer, or ``None``.
-    """
+    """:func:`_resolve` that returns ``None`` instead of raising."""
     try:
         return _resolve(index, name, layer, None, suggest=False)
     except ValueError:
