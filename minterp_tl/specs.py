@@ -37,7 +37,6 @@ Every failure is a ``ValueError`` that names the spec, says what is wrong and wh
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 import operator
 import re
@@ -46,6 +45,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from minterp_tl._checks import did_you_mean
+from minterp_tl._spec_tokens import (
+    SpecError,
+    TokenIndex,
+    check_prompts,
+    check_tokens,
+    clip,
+    int_text,
+    resolve_token,
+    show,
+    token_repr,
+)
 
 __all__ = ["NAMED_RANGES", "SpecLike", "Token", "check_spec", "resolve", "resolve_positions"]
 
@@ -78,21 +88,19 @@ class Token:
         if not isinstance(self.text, str) or not self.text:
             raise ValueError(
                 f"Token text must be a non-empty str (the text of one or more prompt tokens, such as "
-                f"' Paris'), got {_show(self.text)}."
+                f"' Paris'), got {show(self.text)}."
             )
         if self.occurrence is not None:
             if _as_int(self.occurrence) is None:
                 raise ValueError(
                     f"Token({self.text!r}) occurrence must be an int (0-based, -1 for the last) or None, "
-                    f"got {_show(self.occurrence)}."
+                    f"got {show(self.occurrence)}."
                 )
             object.__setattr__(self, "occurrence", _as_int(self.occurrence))
 
     def __repr__(self) -> str:
         """``Token(' Paris')`` or ``Token(' is', occurrence=1)``."""
-        if self.occurrence is None:
-            return f"Token({self.text!r})"
-        return f"Token({self.text!r}, occurrence={_int_text(self.occurrence)})"
+        return token_repr(self.text, self.occurrence)
 
 
 SpecLike = int | str | slice | range | Token | Sequence[int | str | slice | range | Token] | None
@@ -100,7 +108,6 @@ SpecLike = int | str | slice | range | Token | Sequence[int | str | slice | rang
 :class:`Token`, or a list / tuple of ints, strings, slices, ranges and Tokens."""
 
 _MAX_LENGTH, _MAX_DIGITS, _MAX_VALUE, _MAX_DEPTH = 256, 7, 10**12, 50
-_SHOWN_TOKENS = 40  # at most this many prompt tokens are listed in a message (half from each end)
 _N_NAMES: dict[str, str] = {"layer": "n_layers", "head": "n_heads", "position": "n_positions", "index": "n"}
 _TOKEN_WHATS = frozenset({"position", "index"})  # the kinds of spec that may name positions by text
 _NAMED_SLICES: dict[str, Callable[[int], slice]] = {
@@ -142,9 +149,9 @@ def resolve(spec: SpecLike, n: int, *, tokens: Sequence[str] | None = None, what
     value = _as_int(n)
     if value is None or value < 1:
         raise ValueError(
-            f"n ({_N_NAMES[what]}, the number of {what}s) must be a positive int, got {_show(n)}."
+            f"n ({_N_NAMES[what]}, the number of {what}s) must be a positive int, got {show(n)}."
         )
-    return _run(spec, _Context(what, value, _check_tokens(tokens, value, what)))
+    return _run(spec, _Context(what, value, check_tokens(tokens, value, _N_NAMES[what])))
 
 
 def resolve_positions(
@@ -174,27 +181,15 @@ def resolve_positions(
             empty, or the spec fails on a prompt (the message names the prompt, then says why).
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {_show(padding_side)}.")
-    if isinstance(tokens_per_prompt, (str, bytes)) or not isinstance(tokens_per_prompt, Sequence):
-        raise ValueError(  # noqa: TRY004 -- every failure here is a ValueError
-            f"tokens_per_prompt must be a list with each prompt's tokens (a list of str), got "
-            f"{_show(tokens_per_prompt)}."
-        )
-    for i, prompt in enumerate(tokens_per_prompt):
-        if isinstance(prompt, str) or not isinstance(prompt, Sequence):
-            raise ValueError(  # noqa: TRY004 -- every failure here is a ValueError
-                f"prompt {i}: its tokens must be a list of str (e.g. model.to_str_tokens(prompt)), got "
-                f"{_show(prompt)}."
-            )
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} has no tokens: a prompt needs at least one position.")
+        raise ValueError(f"padding_side must be 'left' or 'right', got {show(padding_side)}.")
+    check_prompts(tokens_per_prompt)
     lengths = [len(prompt) for prompt in tokens_per_prompt]
     longest = max(lengths, default=0)
     length = longest if padded_length is None else _as_int(padded_length)
     if length is None or length < longest:
         raise ValueError(
             f"padded_length must be an int at least as long as the longest prompt (prompt "
-            f"{lengths.index(longest) if lengths else None}, {longest} tokens), got {_show(padded_length)}."
+            f"{lengths.index(longest) if lengths else None}, {longest} tokens), got {show(padded_length)}."
         )
     result: list[list[int]] = []
     for i, prompt in enumerate(tokens_per_prompt):
@@ -231,68 +226,38 @@ def check_spec(spec: SpecLike, what: str = "index") -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-class _SpecError(Exception):
-    """A problem with a spec; the public functions turn it into a ``ValueError`` naming the spec."""
-
-
-class _SyntaxProblem(_SpecError):
+class _SyntaxProblem(SpecError):
     """A spec string that is not spec grammar (with tokens given, it may still be a token string)."""
 
 
 @dataclass
 class _Context:
     """What a spec is resolved against: the kind of index ``what``, ``n`` (``None`` when only checking
-    syntax) and the prompt's ``tokens`` (or ``None``)."""
+    syntax) and the prompt's ``tokens``, indexed (or ``None``)."""
 
     what: str
     n: int | None
-    tokens: tuple[str, ...] | None
+    tokens: TokenIndex | None
 
     @property
     def n_text(self) -> str:
         """``"n_layers=30"`` and the like, for messages."""
         return f"{_N_NAMES[self.what]}={self.n}"
 
-    @functools.cached_property
-    def token_index(self) -> _TokenIndex:
-        """The :class:`_TokenIndex` of the tokens (built on first use)."""
-        assert self.tokens is not None
-        return _TokenIndex(self.tokens)
-
 
 def _run(spec: SpecLike, context: _Context) -> list[int]:
     """Resolve ``spec`` in ``context``, a problem raised as a ``ValueError`` naming the spec."""
     try:
         return _resolve_any(spec, context)
-    except _SpecError as err:
-        raise ValueError(f"{context.what} spec {_show(spec)}: {err}") from None
+    except SpecError as err:
+        raise ValueError(f"{context.what} spec {show(spec)}: {err}") from None
 
 
 def _check_what(what: str) -> str:
     """``what`` if it is a known kind of index, else a ``ValueError``."""
     if what not in _N_NAMES:
-        raise ValueError(f"what must be one of {', '.join(map(repr, _N_NAMES))}; got {_show(what)}.")
+        raise ValueError(f"what must be one of {', '.join(map(repr, _N_NAMES))}; got {show(what)}.")
     return what
-
-
-def _check_tokens(tokens: Sequence[str] | None, n: int, what: str) -> tuple[str, ...] | None:
-    """``tokens`` as a tuple if it is ``None`` or ``n`` strings (``what`` names ``n``), else ValueError."""
-    if tokens is None:
-        return None
-    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
-        raise ValueError(  # noqa: TRY004 -- every failure here is a ValueError
-            f"tokens must be the prompt's tokens as a list of str (e.g. model.to_str_tokens(prompt)), "
-            f"got {_show(tokens)}."
-        )
-    for i, token in enumerate(tokens):
-        if not isinstance(token, str):
-            raise ValueError(f"tokens must all be str, but tokens[{i}] is {_show(token)}.")  # noqa: TRY004
-    if len(tokens) != n:
-        raise ValueError(
-            f"tokens has {len(tokens)} entries but {_N_NAMES[what]}={n}: pass the prompt's tokens, one per "
-            f"position."
-        )
-    return tuple(tokens)
 
 
 def _as_int(value: object) -> int | None:
@@ -312,18 +277,23 @@ def _resolve_any(spec: SpecLike, context: _Context) -> list[int]:
     if isinstance(spec, (bool, float)):
         problem = "bool is not a spec (True / False would silently mean index 1 / 0)"
         problem = problem if isinstance(spec, bool) else "float is not a spec"
-        raise _SpecError(f"a {problem}; pass an int. {_valid_forms(context)}")
+        raise SpecError(f"a {problem}; pass an int. {_valid_forms(context)}")
     if isinstance(spec, str):
         return _resolve_string(spec, context)
     if isinstance(spec, Token):
-        return _resolve_token(spec.text, spec.occurrence, context)
+        if context.n is None and context.what not in _TOKEN_WHATS:  # check_spec
+            raise SpecError(
+                f"{token_repr(spec.text, spec.occurrence)} selects positions by text; a {context.what} spec "
+                f"cannot be a Token. {_valid_forms(context)}"
+            )
+        return [] if context.n is None else resolve_token(spec.text, spec.occurrence, context.tokens)
     if isinstance(spec, slice):
         parts = [None if part is None else _as_int(part) for part in (spec.start, spec.stop, spec.step)]
         for name, part, value in zip(("start", "stop", "step"), (spec.start, spec.stop, spec.step), parts):
             if part is not None and value is None:
-                raise _SpecError(f"slice {name} must be an int or None, got {_show(part)}")
+                raise SpecError(f"slice {name} must be an int or None, got {show(part)}")
         if parts[2] == 0:
-            raise _SpecError("slice step cannot be zero")
+            raise SpecError("slice step cannot be zero")
         return [] if context.n is None else list(range(context.n)[slice(*parts)])
     if isinstance(spec, range):
         return _resolve_range(spec, context)
@@ -332,18 +302,18 @@ def _resolve_any(spec: SpecLike, context: _Context) -> list[int]:
     if isinstance(spec, (list, tuple)):
         pieces: list[tuple[str, list[int]]] = []
         for k, item in enumerate(spec):
-            label = f"item {k} ({_show(item)})"
+            label = f"item {k} ({show(item)})"
             if item is None or isinstance(item, (list, tuple)):
-                raise _SpecError(
+                raise SpecError(
                     f"{label}: a list item must be an int, a spec string, a slice, a range or a Token (lists "
                     f"do not nest, and None means 'all' only as the whole spec)"
                 )
             try:
                 pieces.append((label, _resolve_any(item, context)))
-            except _SpecError as err:
-                raise _SpecError(f"{label}: {err}") from None
+            except SpecError as err:
+                raise SpecError(f"{label}: {err}") from None
         return _concat(pieces, context)
-    raise _SpecError(f"unsupported type {type(spec).__name__}. {_valid_forms(context)}")
+    raise SpecError(f"unsupported type {type(spec).__name__}. {_valid_forms(context)}")
 
 
 def _resolve_index(index: int, source: str | None, context: _Context) -> list[int]:
@@ -353,9 +323,9 @@ def _resolve_index(index: int, source: str | None, context: _Context) -> list[in
     if n is None:
         return []
     if not -n <= index < n:
-        shown = _int_text(index)
+        shown = int_text(index)
         origin = "" if source is None or source == repr(shown) else f" (from {source})"
-        raise _SpecError(
+        raise SpecError(
             f"{context.what} {shown}{origin} is out of range for {context.n_text} (valid: -{n}..{n - 1}; "
             f"negative indices count from the end)"
         )
@@ -368,12 +338,12 @@ def _resolve_range(spec: range, context: _Context) -> list[int]:
     if n is None or len(spec) == 0:
         return []
     for end in (spec[0], spec[-1]):  # the extremes of a range are its ends
-        _resolve_index(end, _show(spec), context)
+        _resolve_index(end, show(spec), context)
     seen: dict[int, int] = {}
     for value in spec:
         if value % n in seen:
-            raise _SpecError(
-                f"{_show(spec)} selects {context.what} {value % n} twice (as {seen[value % n]} and {value}); "
+            raise SpecError(
+                f"{show(spec)} selects {context.what} {value % n} twice (as {seen[value % n]} and {value}); "
                 f"select each {context.what} once"
             )
         seen[value % n] = value
@@ -386,7 +356,7 @@ def _concat(pieces: list[tuple[str, list[int]]], context: _Context) -> list[int]
     for label, indices in pieces:
         for index in indices:
             if index in seen:
-                raise _SpecError(
+                raise SpecError(
                     f"{context.what} {index} is selected twice, by {seen[index]} and by {label}: a duplicate "
                     f"would be counted twice (e.g. when patching); select each {context.what} once"
                 )
@@ -449,17 +419,17 @@ def _resolve_string(spec: str, context: _Context) -> list[int]:
         items = _parse(spec)
     except _SyntaxProblem as err:
         if spec and (context.tokens is not None or (context.n is None and context.what in _TOKEN_WHATS)):
-            return [] if context.n is None else _resolve_token(spec, None, context, str(err))
+            return [] if context.n is None else resolve_token(spec, None, context.tokens, str(err))
         raise _SyntaxProblem(f"not a valid spec: {err}. {_valid_forms(context)}") from None
     pieces: list[tuple[str, list[int]]] = []
     for item in items:
         try:
             pieces.append((repr(item.source), _resolve_item(item, context)))
-        except _SpecError as err:
+        except SpecError as err:
             hint = ""
-            if context.tokens is not None and context.token_index.spans(spec):
+            if context.tokens is not None and context.tokens.spans(spec):
                 hint = f" (to select the prompt tokens that spell {spec!r}, pass Token({spec!r}))"
-            raise _SpecError(f"{err}{hint}") from None
+            raise SpecError(f"{err}{hint}") from None
     return _concat(pieces, context)
 
 
@@ -472,7 +442,7 @@ def _resolve_item(item: _Item, context: _Context) -> list[int]:
     if len(values) == 1:
         return [] if values[0] is None else _resolve_index(values[0], repr(item.source), context)
     if values[2] == 0:
-        raise _SpecError(f"slice step is zero in {item.source!r}; a step must be non-zero")
+        raise SpecError(f"slice step is zero in {item.source!r}; a step must be non-zero")
     return [] if n is None else list(range(n)[slice(*values)])
 
 
@@ -492,11 +462,11 @@ def _evaluate(node: ast.expr, text: str, context: _Context) -> int | None:
         left, right = _evaluate(node.left, text, context), _evaluate(node.right, text, context)
         if right == 0 and isinstance(node.op, (ast.FloorDiv, ast.Mod)):
             at = "" if context.n is None else f" ({context.n_text})"
-            raise _SpecError(f"division by zero in {ast.get_source_segment(text, node)!r}{at}")
+            raise SpecError(f"division by zero in {ast.get_source_segment(text, node)!r}{at}")
         value = None if left is None or right is None else _OPERATORS[type(node.op)](left, right)
     if value is not None and abs(value) > _MAX_VALUE:
         at = "" if context.n is None or isinstance(node, ast.Constant) else f" with {context.n_text}"
-        raise _SpecError(
+        raise SpecError(
             f"{ast.get_source_segment(text, node)!r} evaluates to {value}{at}, beyond the bound of 10**12 in "
             f"magnitude for any intermediate value"
         )
@@ -518,12 +488,12 @@ def _parse(spec: str) -> tuple[_Item, ...]:
     for number in _NUMBER.findall(text):
         if not (number.isascii() and number.isdigit()):
             raise _SyntaxProblem(
-                f"{_clip(number)} is not an integer: only plain decimal integers are allowed (no floats, "
+                f"{clip(number)} is not an integer: only plain decimal integers are allowed (no floats, "
                 f"exponents or underscores; write 2*n, not 2n)"
             )
         if len(number) > _MAX_DIGITS:
             raise _SyntaxProblem(
-                f"the integer {_clip(number)} has {len(number)} digits; at most {_MAX_DIGITS} are allowed"
+                f"the integer {clip(number)} has {len(number)} digits; at most {_MAX_DIGITS} are allowed"
             )
     for c in text:
         if c in _CHARACTER_PROBLEMS:
@@ -537,7 +507,7 @@ def _parse(spec: str) -> tuple[_Item, ...]:
             continue
         parts = source.split(":")
         if len(parts) > 3:
-            raise _SyntaxProblem(f"a slice has at most two ':' (start:stop:step), got {_clip(source)}")
+            raise _SyntaxProblem(f"a slice has at most two ':' (start:stop:step), got {clip(source)}")
         if len(parts) > 1:
             parts += [""] * (3 - len(parts))  # a slice: start, stop, step, each None when left out
         items.append(_Item(source, "", tuple(_expression(part) if part.strip() else None for part in parts)))
@@ -552,7 +522,7 @@ def _expression(part: str) -> tuple[ast.expr, str]:
         tree = ast.parse(text, mode="eval").body
     except (SyntaxError, RecursionError, MemoryError, ValueError) as err:
         why = err.msg if isinstance(err, SyntaxError) else type(err).__name__
-        raise _SyntaxProblem(f"{_clip(part.strip())} is not an expression ({why})") from None
+        raise _SyntaxProblem(f"{clip(part.strip())} is not an expression ({why})") from None
     _check_node(tree, text, 0)
     return tree, text
 
@@ -585,131 +555,3 @@ def _check_node(node: ast.expr, text: str, signs: int) -> None:
     if signs + prefix.count(b"(") - prefix.count(b")") > _MAX_DEPTH:
         raise _SyntaxProblem(f"it nests parentheses and signs more than {_MAX_DEPTH} levels deep")
     return None
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tokens
-# --------------------------------------------------------------------------------------------------------
-
-
-class _TokenIndex:
-    """The prompt's ``tokens`` joined into one string (``joined``), with the offsets where non-empty tokens
-    start (``starts``: offset -> token index) and end (``ends``), to find spans fast."""
-
-    def __init__(self, tokens: tuple[str, ...]) -> None:
-        """Index ``tokens``, the prompt's tokens."""
-        self.tokens, self.joined = tokens, "".join(tokens)
-        self.starts: dict[int, int] = {}
-        self.ends: dict[int, int] = {}
-        offset = 0
-        for i, token in enumerate(tokens):
-            if token:
-                self.starts[offset] = i
-                offset += len(token)
-                self.ends[offset] = i
-
-    def spans(self, text: str) -> list[tuple[int, int]]:
-        """Every ``(i, j)`` such that ``"".join(tokens[i:j]) == text``, by start; spans start and end on
-        non-empty tokens (empty tokens inside a span are part of it)."""
-        result: list[tuple[int, int]] = []
-        at = self.joined.find(text) if text else -1
-        while at >= 0:
-            if at in self.starts and at + len(text) in self.ends:
-                result.append((self.starts[at], self.ends[at + len(text)] + 1))
-            at = self.joined.find(text, at + 1)
-        return result
-
-    def listing(self) -> str:
-        """The tokens, for messages: all of them, or the first and last few of a long prompt."""
-        shown = [_clip(token, 24) for token in self.tokens]
-        if len(shown) > _SHOWN_TOKENS:
-            half = _SHOWN_TOKENS // 2
-            shown = shown[:half] + [f"... {len(shown) - 2 * half} more ..."] + shown[-half:]
-        return "[" + ", ".join(shown) + "]"
-
-    def closest(self, text: str) -> list[str]:
-        """The tokens and runs of 2-3 tokens that look most like ``text``, the text not found (at most 5)."""
-        if len(text) > _MAX_LENGTH:
-            return []
-        tokens = self.tokens[:1000]
-        candidates = {t for t in tokens if t}
-        for width in (2, 3):
-            candidates |= {"".join(tokens[i : i + width]) for i in range(len(tokens) - width + 1)}
-        return difflib.get_close_matches(text, sorted(candidates), n=5, cutoff=0.6)
-
-
-def _resolve_token(
-    text: str, occurrence: int | None, context: _Context, syntax: str | None = None
-) -> list[int]:
-    """The positions of the span of prompt tokens that spells ``text``.
-
-    Args:
-        text: The text (a :class:`Token`'s, or a string that is not spec grammar).
-        occurrence: Which span (see :class:`Token`), or ``None`` for the only one.
-        context: What it is resolved against.
-        syntax: Why the string is not spec grammar, if it is a string (for the message).
-    """
-    shown = repr(Token(text, occurrence)) if syntax is None else repr(text)
-    if context.n is None:  # check_spec
-        if context.what not in _TOKEN_WHATS:
-            raise _SpecError(
-                f"{shown} selects positions by text; a {context.what} spec cannot be a Token. "
-                f"{_valid_forms(context)}"
-            )
-        return []
-    if context.tokens is None:
-        raise _SpecError(
-            f"{shown} selects positions by text and needs the prompt's tokens: pass tokens=... to resolve, "
-            f"or use resolve_positions"
-        )
-    spans = context.token_index.spans(text)
-    if not spans:
-        why = "" if syntax is None else f" (it is not a valid spec either: {syntax})"
-        closest = context.token_index.closest(text)
-        hint = f" Closest: {', '.join(map(repr, closest))}." if closest else ""
-        raise _SpecError(
-            f"no run of consecutive prompt tokens spells {_clip(text)}{why}. The prompt's "
-            f"{len(context.tokens)} tokens: {context.token_index.listing()}.{hint}"
-        )
-    starts = ", ".join(str(i) for i, _ in spans[:20]) + (", ..." if len(spans) > 20 else "")
-    if occurrence is None and len(spans) > 1:
-        raise _SpecError(
-            f"{_clip(text)} occurs {len(spans)} times in the prompt (starting at positions {starts}); pass "
-            f"Token({text!r}, occurrence=k) with k in 0..{len(spans) - 1} (or -1 for the last) to pick one"
-        )
-    if not -len(spans) <= (occurrence or 0) < len(spans):
-        raise _SpecError(
-            f"{shown}: the text occurs {len(spans)} time{'s' if len(spans) > 1 else ''} in the prompt "
-            f"(starting at positions {starts}), so the valid occurrences are -{len(spans)}..{len(spans) - 1}"
-        )
-    i, j = spans[occurrence or 0]
-    return list(range(i, j))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Messages
-# --------------------------------------------------------------------------------------------------------
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    """``repr(text)``, shortened in the middle when longer than ``limit``."""
-    shown = repr(text)
-    return shown if len(shown) <= limit else f"{shown[: limit - 20]}...{shown[-12:]} ({len(text)} chars)"
-
-
-def _int_text(value: int) -> str:
-    """``str(value)``, or a short stand-in for an int too large to print."""
-    if abs(value) < 10**15:
-        return str(value)
-    return f"{'-' if value < 0 else ''}<int of {value.bit_length()} bits>"
-
-
-def _show(value: object) -> str:
-    """A short repr of any value, for messages (never raises)."""
-    if isinstance(value, str):
-        return _clip(value, 80)
-    try:
-        shown = repr(value)
-    except Exception:  # noqa: BLE001 -- a huge int (str conversion limit) or a broken __repr__
-        return f"<{type(value).__name__}>"
-    return shown if len(shown) <= 80 else f"{shown[:60]}...{shown[-12:]}"
