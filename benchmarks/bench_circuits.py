@@ -59,22 +59,45 @@ def all_subsets(model, test: torch.Tensor, chunk: int = 16) -> dict[tuple, float
             def hook(z, hook, mask=mask):
                 return z * mask[:, int(hook.name.split(".")[1])][:, None, :, None]
 
-            logits = model.run_with_hooks(test.repeat(len(part), 1), fwd_hooks=[(lambda n: n.endswith("attn.hook_z"), hook)])
+            logits = model.run_with_hooks(
+                test.repeat(len(part), 1), fwd_hooks=[(lambda n: n.endswith("attn.hook_z"), hook)]
+            )
             for i, keep in enumerate(part):
                 out[keep] = float(second_half_loss(logits[i * b : (i + 1) * b], test))
     return out
 
 
-def train_mask(model, train, lam: float, variant: str, method: str = "continuous_sparsification", seed: int = 0):
+def train_mask(
+    model, train, lam: float, variant: str, method: str = "continuous_sparsification", seed: int = 0
+):
     keep = variant == "keep"
     if method == "continuous_sparsification":
-        hp = dict(ablation="none" if keep else "zero_ablate", mask_unit="head", mask_bias=False, mask_init_value=2.0 if keep else -2.0)
+        hp = dict(
+            ablation="none" if keep else "zero_ablate",
+            mask_unit="head",
+            mask_bias=False,
+            mask_init_value=2.0 if keep else -2.0,
+        )
     else:
-        hp = dict(ablation="none" if keep else "zero_ablate", mask_unit="head", mask_bias=False, mask_init_percentage=0.9 if keep else 0.1)
+        hp = dict(
+            ablation="none" if keep else "zero_ablate",
+            mask_unit="head",
+            mask_bias=False,
+            mask_init_percentage=0.9 if keep else 0.1,
+        )
     cfg = CircuitConfig(method, hp, ("attn.W_O",), l0_lambda=lam)
     start = time.perf_counter()
     circuit, history = find_subnetwork(
-        model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, maximize=not keep, seed=seed, progress=False
+        model,
+        cfg,
+        train,
+        second_half_loss,
+        steps=80,
+        epochs=8,
+        lr=0.1,
+        maximize=not keep,
+        seed=seed,
+        progress=False,
     )
     return circuit, history, time.perf_counter() - start
 
@@ -95,9 +118,15 @@ def induction_part(out_png: str) -> None:
         if len(keep) not in best or loss < best[len(keep)][0]:
             best[len(keep)] = (loss, keep)
 
-    print(f"induction model: full second-half loss {full:.3f} (L=11, 128 sequences); chance ln 64 = {math.log(64):.3f}")
-    print(f"prev-token head {report.best_prev_token_head()} (score {float(report.prev_token_scores.max()):.2f}); "
-          f"induction scores layer 1: {[round(float(x), 2) for x in report.induction_scores[1]]}")
+    print(
+        f"induction model: full second-half loss {full:.3f} (L=11, 128 sequences); "
+        f"chance ln 64 = {math.log(64):.3f}"
+    )
+    print(
+        f"prev-token head {report.best_prev_token_head()} "
+        f"(score {float(report.prev_token_scores.max()):.2f}); "
+        f"induction scores layer 1: {[round(float(x), 2) for x in report.induction_scores[1]]}"
+    )
     print(f"exhaustive search: {len(subsets)} subsets in {brute_s:.1f} s; best per size:")
     print("| heads kept | best loss | best subset |")
     print("|---|---|---|")
@@ -105,11 +134,18 @@ def induction_part(out_png: str) -> None:
         print(f"| {k} | {best[k][0]:.3f} | {list(best[k][1])} |")
 
     print("\nlearned masks (continuous sparsification unless marked; 80 AdamW steps, T 1 -> 200):")
-    print("| variant | lambda | heads selected | n | loss with mask | best of size n | random same size (mean of 16) | train s |")
+    print(
+        "| variant | lambda | heads selected | n | loss with mask | best of size n "
+        "| random same size (mean of 16) | train s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     points = []
     runs = [("keep", lam, "continuous_sparsification") for lam in (0.01, 0.05, 0.2, 0.6, 1.0)]
-    runs += [("keep", 0.05, "hard_concrete"), ("break", 0.5, "continuous_sparsification"), ("break", 0.5, "hard_concrete")]
+    runs += [
+        ("keep", 0.05, "hard_concrete"),
+        ("break", 0.5, "continuous_sparsification"),
+        ("break", 0.5, "hard_concrete"),
+    ]
     for variant, lam, method in runs:
         circuit, history, seconds = train_mask(model, train, lam, variant, method)
         with torch.no_grad():
@@ -117,7 +153,9 @@ def induction_part(out_png: str) -> None:
             loss = float(second_half_loss(circuit(test), test))
             randoms = []
             for i in range(16):
-                circuit.set_ablate_mode("randomly_sampled", force_resample=True, seed=i, remove=variant == "break")
+                circuit.set_ablate_mode(
+                    "randomly_sampled", force_resample=True, seed=i, remove=variant == "break"
+                )
                 randoms.append(float(second_half_loss(circuit(test), test)))
             extra = ""
             if variant == "keep":
@@ -127,8 +165,11 @@ def induction_part(out_png: str) -> None:
         n = len(heads)
         ref = best[n][0] if variant == "keep" else max(v for k, v in subsets.items() if len(k) == 8 - n)
         tag = "" if method == "continuous_sparsification" else " (HC)"
-        print(f"| {variant}{tag} | {lam} | {heads} | {n} | {loss:.3f}{extra} | "
-              f"{ref:.3f}{' (worst removal)' if variant == 'break' else ''} | {statistics.mean(randoms):.3f} | {seconds:.1f} |")
+        print(
+            f"| {variant}{tag} | {lam} | {heads} | {n} | {loss:.3f}{extra} | "
+            f"{ref:.3f}{' (worst removal)' if variant == 'break' else ''} | "
+            f"{statistics.mean(randoms):.3f} | {seconds:.1f} |"
+        )
         if variant == "keep" and method == "continuous_sparsification":
             points.append((n, loss, lam))
 
@@ -138,14 +179,27 @@ def induction_part(out_png: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([len(k) for k in subsets], list(subsets.values()), s=8, alpha=0.4, color="grey", label="every head subset")
-    ax.plot(sorted(best), [best[k][0] for k in sorted(best)], color="k", lw=1, label="best subset of each size")
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="C3", zorder=3, label="learned masks (keep)")
+    ax.scatter(
+        [len(k) for k in subsets],
+        list(subsets.values()),
+        s=8,
+        alpha=0.4,
+        color="grey",
+        label="every head subset",
+    )
+    ax.plot(
+        sorted(best), [best[k][0] for k in sorted(best)], color="k", lw=1, label="best subset of each size"
+    )
+    ax.scatter(
+        [p[0] for p in points], [p[1] for p in points], color="C3", zorder=3, label="learned masks (keep)"
+    )
     labels: dict[tuple[int, float], list[str]] = {}
     for n, loss, lam in points:
         labels.setdefault((n, round(loss, 3)), []).append(str(lam))
     for (n, loss), lams in labels.items():
-        ax.annotate(f"lambda={', '.join(lams)}", (n, loss), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        ax.annotate(
+            f"lambda={', '.join(lams)}", (n, loss), textcoords="offset points", xytext=(5, 5), fontsize=7
+        )
     ax.axhline(1.1 * full, color="C0", ls=":", label="1.1 x full model")
     ax.set_xlabel("heads kept (of 8)")
     ax.set_ylabel("second-half loss (L=11)")
@@ -161,10 +215,12 @@ def overhead_part(repeats: int) -> None:
     tokens = torch.randint(100, model.cfg.d_vocab, (4, 32), generator=torch.Generator().manual_seed(0))
     configs = {
         "weight masks, all attn + mlp": CircuitConfig(
-            mask_hparams=dict(ablation="none", mask_unit="weight", mask_bias=False, mask_init_value=1.0), target_layers=("all",)
+            mask_hparams=dict(ablation="none", mask_unit="weight", mask_bias=False, mask_init_value=1.0),
+            target_layers=("all",),
         ),
         "head masks, all W_O": CircuitConfig(
-            mask_hparams=dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=1.0), target_layers=("attn.W_O",)
+            mask_hparams=dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=1.0),
+            target_layers=("attn.W_O",),
         ),
     }
     times: dict[str, list[float]] = {"plain": [], **{k: [] for k in configs}}
@@ -182,7 +238,10 @@ def overhead_part(repeats: int) -> None:
                         circuit(tokens)
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plain"])
-    print(f"\nSmolLM2-135M forward, batch 4 x 32 tokens, {torch.get_num_threads()} threads, median of {repeats}:")
+    print(
+        f"\nSmolLM2-135M forward, batch 4 x 32 tokens, {torch.get_num_threads()} threads, "
+        f"median of {repeats}:"
+    )
     print("| configuration | seconds | vs plain |")
     print("|---|---|---|")
     for name, values in times.items():
@@ -193,7 +252,9 @@ def overhead_part(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/circuits_frontier.png")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on the shared 2-core machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: fastest on the shared 2-core machine)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--no-induction", action="store_true")

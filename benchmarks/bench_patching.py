@@ -74,8 +74,10 @@ def _bench(label, model, clean, corrupted, metric, sweep: str, setter, act, axes
         note = f" (TL: {tl_rows} of {n} rows, extrapolated)"
         idx = tuple(torch.tensor(df[a].values) for a in axes)
         diff = float((ours[idx] - ref).abs().max())
-    return (f"{label:<10}{sweep.replace('get_act_patch_', ''):<24}{n:>7}{t_tl:>10.1f}{t_ours:>9.1f}"
-            f"{t_tl / t_ours:>8.1f}{diff:>10.1e}{n / t_tl:>9.1f}{n / t_ours:>9.1f}  {path:<17}"), note
+    return (
+        f"{label:<10}{sweep.replace('get_act_patch_', ''):<24}{n:>7}{t_tl:>10.1f}{t_ours:>9.1f}"
+        f"{t_tl / t_ours:>8.1f}{diff:>10.1e}{n / t_tl:>9.1f}{n / t_ours:>9.1f}  {path:<17}"
+    ), note
 
 
 def main() -> None:
@@ -92,12 +94,39 @@ def main() -> None:
     corrupted[0, 3] = (clean[0, 3] + 1) % 50
     target = toy(clean)[0, -1].argmax()
     metric = patching.logit_diff_metric(target, (target + 1) % 50)
-    rows.append((toy, clean, "toy-4L", [
-        _bench("toy-4L", toy, clean, corrupted, metric, "get_act_patch_resid_pre", tl.layer_pos_patch_setter,
-               "resid_pre", ("layer", "pos"), args.tl_rows),
-        _bench("toy-4L", toy, clean, corrupted, metric, "get_act_patch_attn_head_out_by_pos",
-               tl.layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"), args.tl_rows),
-    ]))
+    rows.append(
+        (
+            toy,
+            clean,
+            "toy-4L",
+            [
+                _bench(
+                    "toy-4L",
+                    toy,
+                    clean,
+                    corrupted,
+                    metric,
+                    "get_act_patch_resid_pre",
+                    tl.layer_pos_patch_setter,
+                    "resid_pre",
+                    ("layer", "pos"),
+                    args.tl_rows,
+                ),
+                _bench(
+                    "toy-4L",
+                    toy,
+                    clean,
+                    corrupted,
+                    metric,
+                    "get_act_patch_attn_head_out_by_pos",
+                    tl.layer_pos_head_vector_patch_setter,
+                    "z",
+                    ("layer", "pos", "head"),
+                    args.tl_rows,
+                ),
+            ],
+        )
+    )
     if not args.skip_smollm2:
         model = load_model(progress=False)
         clean = model.to_tokens(CLEAN)
@@ -106,23 +135,51 @@ def main() -> None:
         for label, prompt in CORRUPTED.items():
             corrupted = model.to_tokens(prompt)
             lines += [
-                _bench(label, model, clean, corrupted, metric, "get_act_patch_resid_pre", tl.layer_pos_patch_setter,
-                       "resid_pre", ("layer", "pos"), args.tl_rows),
-                _bench(label, model, clean, corrupted, metric, "get_act_patch_attn_head_out_by_pos",
-                       tl.layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"), args.tl_rows),
+                _bench(
+                    label,
+                    model,
+                    clean,
+                    corrupted,
+                    metric,
+                    "get_act_patch_resid_pre",
+                    tl.layer_pos_patch_setter,
+                    "resid_pre",
+                    ("layer", "pos"),
+                    args.tl_rows,
+                ),
+                _bench(
+                    label,
+                    model,
+                    clean,
+                    corrupted,
+                    metric,
+                    "get_act_patch_attn_head_out_by_pos",
+                    tl.layer_pos_head_vector_patch_setter,
+                    "z",
+                    ("layer", "pos", "head"),
+                    args.tl_rows,
+                ),
             ]
         rows.append((model, clean, "SmolLM2", lines))
 
     from importlib.metadata import version
 
-    print(f"{torch.get_num_threads()} threads; times in s; rates in patched forwards/s; torch {torch.__version__}, "
-          f"transformer-lens {version('transformer-lens')}, transformers {version('transformers')}")
-    print(f"{'model':<10}{'sweep':<24}{'patches':>7}{'TL':>10}{'ours':>9}{'x TL':>8}{'max|d|':>10}{'TL/s':>9}{'ours/s':>9}  {'fast path':<17}")
+    print(
+        f"{torch.get_num_threads()} threads; times in s; rates in patched forwards/s; "
+        f"torch {torch.__version__}, "
+        f"transformer-lens {version('transformer-lens')}, transformers {version('transformers')}"
+    )
+    print(
+        f"{'model':<10}{'sweep':<24}{'patches':>7}{'TL':>10}{'ours':>9}{'x TL':>8}{'max|d|':>10}"
+        f"{'TL/s':>9}{'ours/s':>9}  {'fast path':<17}"
+    )
     for model, tokens, label, lines in rows:
         for line, note in lines:
             print(line + note)
-        print(f"{label:<10}{'plain batched forward':<24}{'':>7}{'':>10}{'':>9}{'':>8}{'':>10}{'':>9}"
-              f"{_plain_rate(model, tokens):>9.1f}   <- ceiling (batch 64, {tokens.shape[1]} tokens)")
+        print(
+            f"{label:<10}{'plain batched forward':<24}{'':>7}{'':>10}{'':>9}{'':>8}{'':>10}{'':>9}"
+            f"{_plain_rate(model, tokens):>9.1f}   <- ceiling (batch 64, {tokens.shape[1]} tokens)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Cost of the information-flow graph against one forward pass and a full run_with_cache with per-head results.
+"""Cost of the information-flow graph against one forward pass and a full run_with_cache with per-head
+results.
 
 For SmolLM2-135M on one prompt of 16, 32 and 64 tokens, each configuration is timed:
 
@@ -37,7 +38,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,7 +60,9 @@ TEXT = (
 def _tokens(model: Any, n: int) -> torch.Tensor:
     tokens = model.to_tokens(TEXT)
     if tokens.shape[1] < n:
-        raise ValueError(f"the benchmark text has {tokens.shape[1]} tokens; --lengths must be <= that, got {n}")
+        raise ValueError(
+            f"the benchmark text has {tokens.shape[1]} tokens; --lengths must be <= that, got {n}"
+        )
     return tokens[:, :n]
 
 
@@ -155,15 +159,20 @@ def main() -> None:
         if not args.no_memory:
             for c in CONFIGS:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", c, "--n", str(n)], capture_output=True, text=True, check=True
+                    [sys.executable, __file__, "--child", c, "--n", str(n)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 peaks[c] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
         one_layer = n * n * cfg.n_heads * cfg.d_model
         held = max_decomposition(model, tokens)
         rows.append((n, {c: statistics.median(times[c]) for c in CONFIGS}, peaks, held, one_layer))
 
-    print(f"SmolLM2-135M, 1 prompt, cpu, {torch.get_num_threads()} threads, median of {args.repeats} "
-          f"(interleaved); peak = VmHWM above the loaded model in a fresh process")
+    print(
+        f"SmolLM2-135M, 1 prompt, cpu, {torch.get_num_threads()} threads, median of {args.repeats} "
+        f"(interleaved); peak = VmHWM above the loaded model in a fresh process"
+    )
     header = f"{'tokens':>6} {'config':<13}{'time (s)':>9}{'x fwd':>7}"
     header += f"{'peak (MiB)':>11}{'x fwd':>7}" if not args.no_memory else ""
     print(header)
@@ -173,8 +182,10 @@ def main() -> None:
             if peaks:
                 line += f"{peaks[c] / 2**20:>11.1f}{peaks[c] / max(peaks['forward'], 1):>7.2f}"
             print(line)
-        print(f"{n:>6} max decomposition held: {held:,} floats = {held / one_layer:.2f} of one layer "
-              f"({one_layer:,}); all {cfg.n_layers} layers would be {cfg.n_layers * one_layer:,}")
+        print(
+            f"{n:>6} max decomposition held: {held:,} floats = {held / one_layer:.2f} of one layer "
+            f"({one_layer:,}); all {cfg.n_layers} layers would be {cfg.n_layers * one_layer:,}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ Run: ``.venv/bin/python benchmarks/bench_state.py [--batch 16] [--pos 64] [--rep
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import ctypes
 import gc
+import json
+import os
 import re
 import statistics
 import subprocess
@@ -150,19 +150,37 @@ def main() -> None:
     if not args.no_memory:
         for c in CONFIGS:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", c, "--batch", str(args.batch), "--pos", str(args.pos),
-                 "--device", args.device],
-                capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    c,
+                    "--batch",
+                    str(args.batch),
+                    "--pos",
+                    str(args.pos),
+                    "--device",
+                    args.device,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             peaks[c] = json.loads(out.stdout.strip().splitlines()[-1])
 
     plain = statistics.median(times["plain"])
-    print(f"SmolLM2-135M, batch {args.batch} x {args.pos} tokens, {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}; model has {n_hooks} hook points")
+    print(
+        f"SmolLM2-135M, batch {args.batch} x {args.pos} tokens, {args.device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}; model has {n_hooks} hook points"
+    )
     print(f"{'config':<16}{'time (s)':>10}{'x plain':>9}{'kept (MiB)':>12}{'peak (MiB)':>12}{'x plain':>9}")
     for c in CONFIGS:
         t = statistics.median(times[c])
-        peak = f"{peaks[c]['peak'] / 2**20:>12.0f}{peaks[c]['peak'] / peaks['plain']['peak']:>9.2f}" if peaks else ""
+        peak = (
+            f"{peaks[c]['peak'] / 2**20:>12.0f}{peaks[c]['peak'] / peaks['plain']['peak']:>9.2f}"
+            if peaks
+            else ""
+        )
         print(f"{c:<16}{t:>10.3f}{t / plain:>9.2f}{kept[c] / 2**20:>12.1f}{peak}")
 
 

@@ -71,16 +71,34 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from minterp_tl.edits import Edit, Edits
     from minterp_tl.interventions import Intervention
     from minterp_tl.lens import LensResult, logit_lens
-    from minterp_tl.models import DEFAULT_MODEL, InductionReport, ModelInfo, induction_report, load_model, model_info, toy_model, train_induction_model
+    from minterp_tl.models import (
+        DEFAULT_MODEL,
+        InductionReport,
+        ModelInfo,
+        induction_report,
+        load_model,
+        model_info,
+        toy_model,
+        train_induction_model,
+    )
     from minterp_tl.names import canonical_names, expand_name, resolve_name, resolve_names, short_name
     from minterp_tl.patching import PatchSweep, activation_patch
     from minterp_tl.routes import Route, build_graph, paths_to_prediction, plot_routes, strongest_paths
     from minterp_tl.specs import Token
-    from minterp_tl.state import Add, Compose, LoadRule, MeanOverBatch, SavedState, SaveRule, Scale, StateConfig, StateManager
+    from minterp_tl.state import (
+        Add,
+        Compose,
+        LoadRule,
+        MeanOverBatch,
+        SavedState,
+        SaveRule,
+        Scale,
+        StateConfig,
+        StateManager,
+    )
     from minterp_tl.store import LazyTensor, SaveReport, StateStore, tensor_hash
     from minterp_tl.transparent import TransformerLensTransparentLlm, TransparentLlm
     from minterp_tl.wrapper import Experiment, ExperimentResult, ModelWrapper, Phase, RunResult
-
 
 
 def __getattr__(name: str) -> Any:
@@ -117,22 +135,70 @@ __version__ = "0.1.0"
 
 __all__ = [
     # models
-    "DEFAULT_MODEL", "load_model", "toy_model", "train_induction_model", "induction_report", "InductionReport",
-    "model_info", "ModelInfo",
+    "DEFAULT_MODEL",
+    "load_model",
+    "toy_model",
+    "train_induction_model",
+    "induction_report",
+    "InductionReport",
+    "model_info",
+    "ModelInfo",
     # hook names and specs
-    "canonical_names", "resolve_name", "resolve_names", "expand_name", "short_name", "Token",
+    "canonical_names",
+    "resolve_name",
+    "resolve_names",
+    "expand_name",
+    "short_name",
+    "Token",
     # phases: save / load / intervene in one run
-    "RepresentationContext", "StateConfig", "SaveRule", "LoadRule", "Scale", "Add", "MeanOverBatch", "Compose",
-    "StateManager", "SavedState", "ModelWrapper", "RunResult", "Experiment", "Phase", "ExperimentResult",
+    "RepresentationContext",
+    "StateConfig",
+    "SaveRule",
+    "LoadRule",
+    "Scale",
+    "Add",
+    "MeanOverBatch",
+    "Compose",
+    "StateManager",
+    "SavedState",
+    "ModelWrapper",
+    "RunResult",
+    "Experiment",
+    "Phase",
+    "ExperimentResult",
     # interventions and persistent edits
-    "Intervention", "Edits", "Edit",
+    "Intervention",
+    "Edits",
+    "Edit",
     # sweeps
-    "patching", "activation_patch", "PatchSweep", "attribution", "attribution_patch", "AttributionSweep",
+    "patching",
+    "activation_patch",
+    "PatchSweep",
+    "attribution",
+    "attribution_patch",
+    "AttributionSweep",
     # reading the model
-    "lens", "logit_lens", "LensResult", "transparent", "TransparentLlm", "TransformerLensTransparentLlm",
-    "routes", "build_graph", "Route", "strongest_paths", "paths_to_prediction", "plot_routes",
+    "lens",
+    "logit_lens",
+    "LensResult",
+    "transparent",
+    "TransparentLlm",
+    "TransformerLensTransparentLlm",
+    "routes",
+    "build_graph",
+    "Route",
+    "strongest_paths",
+    "paths_to_prediction",
+    "plot_routes",
     # circuits
-    "circuits", "CircuitConfig", "CircuitModel", "find_subnetwork", "SubnetworkHistory",
+    "circuits",
+    "CircuitConfig",
+    "CircuitModel",
+    "find_subnetwork",
+    "SubnetworkHistory",
     # on disk
-    "StateStore", "LazyTensor", "SaveReport", "tensor_hash",
+    "StateStore",
+    "LazyTensor",
+    "SaveReport",
+    "tensor_hash",
 ]

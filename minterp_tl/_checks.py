@@ -27,7 +27,12 @@ def positive_int(value: Any, what: str, *, maximum: Optional[int] = None) -> int
 
 def positive_number(value: Any, what: str) -> float:
     """``value`` as a finite number ``> 0``; bools, NaN and infinities are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{what} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -40,23 +45,35 @@ def _n_ctx(model: Any) -> Optional[int]:
 def token_ids(model: Any, tokens: Any, what: str = "tokens") -> Int[Tensor, "batch pos"]:
     """``tokens`` as a ``[batch, pos]`` integer tensor of ids in ``0..d_vocab-1``, at most ``n_ctx`` long."""
     if not isinstance(tokens, Tensor):
-        raise ValueError(f"{what} must be an integer tensor [batch, pos] of token ids, got {type(tokens).__name__}")
+        raise ValueError(
+            f"{what} must be an integer tensor [batch, pos] of token ids, got {type(tokens).__name__}"
+        )
     if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
-        raise ValueError(f"{what} must be a non-empty [batch, pos] tensor of token ids, got shape {tuple(tokens.shape)}")
+        raise ValueError(
+            f"{what} must be a non-empty [batch, pos] tensor of token ids, got shape {tuple(tokens.shape)}"
+        )
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"{what} must be an integer tensor [batch, pos] of token ids, got dtype {tokens.dtype}")
+        raise ValueError(
+            f"{what} must be an integer tensor [batch, pos] of token ids, got dtype {tokens.dtype}"
+        )
     d_vocab = int(model.cfg.d_vocab)
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= d_vocab:
-        raise ValueError(f"{what} has token ids outside 0..{d_vocab - 1} (d_vocab={d_vocab}): min {low}, max {high}")
+        raise ValueError(
+            f"{what} has token ids outside 0..{d_vocab - 1} (d_vocab={d_vocab}): min {low}, max {high}"
+        )
     n_ctx = _n_ctx(model)
     if n_ctx is not None and tokens.shape[1] > n_ctx:
-        raise ValueError(f"{what} has {tokens.shape[1]} positions, more than the model's context of {n_ctx}; "
-                         "shorten it (nothing is truncated silently)")
+        raise ValueError(
+            f"{what} has {tokens.shape[1]} positions, more than the model's context of {n_ctx}; "
+            "shorten it (nothing is truncated silently)"
+        )
     return tokens
 
 
-def text_tokens(model: Any, text: str, what: str = "prompt", prepend_bos: Optional[bool] = None) -> Int[Tensor, "1 pos"]:
+def text_tokens(
+    model: Any, text: str, what: str = "prompt", prepend_bos: Optional[bool] = None
+) -> Int[Tensor, "1 pos"]:
     """``model.to_tokens(text)`` without TransformerLens's silent truncation to the context: a text longer
     than the model's context is refused, naming its length."""
     if not isinstance(text, str) or not text:
@@ -65,8 +82,10 @@ def text_tokens(model: Any, text: str, what: str = "prompt", prepend_bos: Option
     n_ctx = _n_ctx(model)
     if n_ctx is not None and tokens.shape[1] > n_ctx:
         start = text[:40] + ("..." if len(text) > 40 else "")
-        raise ValueError(f"{what} {start!r} is {tokens.shape[1]} tokens, more than the model's context of {n_ctx}; "
-                         "shorten it (nothing is truncated silently)")
+        raise ValueError(
+            f"{what} {start!r} is {tokens.shape[1]} tokens, more than the model's context of {n_ctx}; "
+            "shorten it (nothing is truncated silently)"
+        )
     return tokens
 
 

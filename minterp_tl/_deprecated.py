@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def warn(old: str, new: str) -> None:
     """Warn that ``old`` is deprecated in favour of ``new`` (pointing at the caller's caller)."""
-    warnings.warn(f"{old} is deprecated; use {new} (the old spelling goes in the next release).",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{old} is deprecated; use {new} (the old spelling goes in the next release).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def module_getattr(module: str, moved: Mapping[str, tuple[str, Callable[[], Any]]]) -> Callable[[str], Any]:
@@ -33,7 +36,7 @@ def renamed_field(old: str, new: str) -> Callable[[type], type]:
     ``obj.old`` keep working for one release, with a :class:`DeprecationWarning`."""
 
     def decorate(cls: type) -> type:
-        init = cls.__init__
+        init = cls.__init__  # type: ignore[misc]
 
         @functools.wraps(init)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:

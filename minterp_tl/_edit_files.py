@@ -15,8 +15,8 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from torch import Tensor
 
@@ -33,8 +33,17 @@ _VERSION = 1
 _FUNCTION_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")  # module:name, no attribute walk
 _MODEL_KEYS = ("n_layers", "n_heads", "d_model", "d_vocab")
 _EDIT_FIELDS: dict[str, Any] = {
-    "name": str, "kind": str, "hooks": list, "positions": object, "heads": object, "neurons": object,
-    "alpha": (int, float), "function": (str, type(None)), "kwargs": dict, "values": dict, "enabled": bool,
+    "name": str,
+    "kind": str,
+    "hooks": list,
+    "positions": object,
+    "heads": object,
+    "neurons": object,
+    "alpha": (int, float),
+    "function": (str, type(None)),
+    "kwargs": dict,
+    "values": dict,
+    "enabled": bool,
 }
 
 
@@ -50,14 +59,16 @@ def function_path(fn: Callable) -> Optional[str]:
     return f"{module}:{qualname}" if getattr(sys.modules.get(module), qualname, None) is fn else None
 
 
-def json_spec(spec: SpecLike, what: str) -> Union[None, int, str, list]:
+def json_spec(spec: Union[SpecLike, Tensor], what: str) -> Union[None, int, str, list]:
     """A spec in the JSON-able form edits keep: slices become ``"start:stop:step"`` strings, ranges and
     tuples lists; token specs and tensors are refused (an edit applies to every forward pass)."""
     if spec is None:
         return None
     if isinstance(spec, Tensor):
-        raise ValueError(f"{what} positions of an edit must be a spec (an index, a slice string, a list), "
-                         "not a tensor: an edit applies to every forward pass, whatever its batch.")
+        raise ValueError(
+            f"{what} positions of an edit must be a spec (an index, a slice string, a list), "
+            "not a tensor: an edit applies to every forward pass, whatever its batch."
+        )
     check_spec(spec, what)
     if isinstance(spec, Token):
         raise ValueError(
@@ -73,6 +84,31 @@ def json_spec(spec: SpecLike, what: str) -> Union[None, int, str, list]:
     if isinstance(spec, range):
         return list(spec)
     return [json_spec(s, what) for s in spec]
+
+
+def describe(edit: Edit) -> str:
+    """An edit's selection and value in a few words, for :meth:`~minterp_tl.edits.Edits.table`."""
+    iv = edit.intervention
+    parts = [
+        f"{label}={_spec_text(spec)}"
+        for label, spec in (("heads", iv.heads), ("neurons", iv.neurons), ("pos", iv.positions))
+        if spec is not None
+    ]
+    first = next(iter(edit.values.values()), None)
+    if edit.kind in ("mean", "set", "patch") and first is not None:
+        parts.append(f"{edit.kind if edit.kind != 'set' else 'value'} {tuple(first.shape)}")
+    elif edit.kind == "add" and first is not None:
+        parts.append(f"{edit.alpha:g} x vector {tuple(first.shape)} |v|={float(first.float().norm()):.3g}")
+    elif edit.kind == "scale":
+        parts.append(f"x {edit.alpha:g}")
+    elif edit.kind == "function":
+        path = edit.function or f"{getattr(edit.fn, '__qualname__', edit.fn)!s} (not importable)"
+        parts.append(path + (f" {json.dumps(dict(edit.kwargs))}" if edit.kwargs else ""))
+    return ", ".join(parts)
+
+
+def _spec_text(spec: Any) -> str:
+    return ",".join(str(s) for s in spec) if isinstance(spec, list) else str(spec)
 
 
 def table(edits: Edits) -> str:
@@ -111,15 +147,31 @@ def write_edits(edits: Edits, path: Any) -> SaveReport:
             tensors[f"{e.name}/{hook}"] = v
             value_keys[hook] = f"{e.name}/{hook}"
         iv = e.intervention
-        entries.append({
-            "name": e.name, "kind": e.kind, "hooks": list(e.hooks), "positions": iv.positions,
-            "heads": iv.heads, "neurons": iv.neurons, "alpha": e.alpha, "function": e.function,
-            "kwargs": dict(e.kwargs), "values": value_keys, "enabled": edits.is_enabled(e.name),
-        })
+        entries.append(
+            {
+                "name": e.name,
+                "kind": e.kind,
+                "hooks": list(e.hooks),
+                "positions": iv.positions,
+                "heads": iv.heads,
+                "neurons": iv.neurons,
+                "alpha": e.alpha,
+                "function": e.function,
+                "kwargs": dict(e.kwargs),
+                "values": value_keys,
+                "enabled": edits.is_enabled(e.name),
+            }
+        )
     cfg = edits.model.cfg
-    manifest = {"format": _FORMAT, "version": _VERSION, "model": {k: int(getattr(cfg, k)) for k in _MODEL_KEYS},
-                "edits": entries}
-    return StateStore(path).save(tensors, {"minterp_tl.kind": "Edits", "minterp_tl.edits": json.dumps(manifest)})
+    manifest = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "model": {k: int(getattr(cfg, k)) for k in _MODEL_KEYS},
+        "edits": entries,
+    }
+    return StateStore(path).save(
+        tensors, {"minterp_tl.kind": "Edits", "minterp_tl.edits": json.dumps(manifest)}
+    )
 
 
 def read_edits(
@@ -159,16 +211,26 @@ def read_edits(
                 if resolve_name(model, hook) != hook:
                     raise ValueError(f"{hook!r} is an alias, not the canonical name")
             except ValueError as err:
-                raise ValueError(f"Saved edit {e['name']!r}: hook {hook!r} does not fit this model: {err}") from None
+                raise ValueError(
+                    f"Saved edit {e['name']!r}: hook {hook!r} does not fit this model: {err}"
+                ) from None
         missing = [k for k in e["values"].values() if k not in tensors]
         if missing or set(e["values"]) - set(hooks):
-            raise ValueError(f"{where}: edit {e['name']!r} refers to values {missing} that the store does not "
-                             f"hold, or to hooks it does not edit.")
+            raise ValueError(
+                f"{where}: edit {e['name']!r} refers to values {missing} that the store does not "
+                f"hold, or to hooks it does not edit."
+            )
         values = {h: tensors[k] for h, k in e["values"].items()} or None
         try:
             record = Intervention(
-                list(hooks), e["kind"], values, positions=e["positions"], heads=e["heads"], neurons=e["neurons"],
-                alpha=float(e["alpha"]), fn=given.get(e["function"]) if e["kind"] == "function" else None,
+                list(hooks),
+                e["kind"],
+                values,
+                positions=e["positions"],
+                heads=e["heads"],
+                neurons=e["neurons"],
+                alpha=float(e["alpha"]),
+                fn=given.get(e["function"]) if e["kind"] == "function" else None,
                 kwargs=e["kwargs"],
             )
             built.append((edits._build(e["name"], record, e["function"]), e["enabled"]))
@@ -177,7 +239,9 @@ def read_edits(
     return built
 
 
-def _given_functions(functions: Union[Mapping[str, EditFunction], Sequence[EditFunction]]) -> dict[str, EditFunction]:
+def _given_functions(
+    functions: Union[Mapping[str, EditFunction], Sequence[EditFunction]],
+) -> dict[str, EditFunction]:
     """``{"module:qualname": function}`` from what :meth:`Edits.read` was given (nothing is imported)."""
     if isinstance(functions, Mapping):
         items = list(functions.items())
@@ -190,7 +254,9 @@ def _given_functions(functions: Union[Mapping[str, EditFunction], Sequence[EditF
             items.append((f"{module}:{qualname}", fn))
     for name, fn in items:
         if not isinstance(name, str) or not callable(fn):
-            raise ValueError(f"Edits.read functions must map 'module:qualname' strings to functions, got {name!r}.")
+            raise ValueError(
+                f"Edits.read functions must map 'module:qualname' strings to functions, got {name!r}."
+            )
     return dict(items)
 
 
@@ -202,12 +268,21 @@ def _read_manifest(text: Any, where: str) -> dict[str, Any]:
     try:
         manifest = json.loads(text)
     except (ValueError, RecursionError) as err:
-        raise ValueError(f"{where}: the edits description is not valid JSON ({type(err).__name__}).") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+        raise ValueError(
+            f"{where}: the edits description is not valid JSON ({type(err).__name__})."
+        ) from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != _FORMAT
+        or manifest.get("version") != _VERSION
+    ):
         raise ValueError(f"{where} have an unknown format or version.")
     model = manifest.get("model")
-    if (not isinstance(model, dict) or sorted(model) != sorted(_MODEL_KEYS)
-            or not all(type(v) is int for v in model.values())):
+    if (
+        not isinstance(model, dict)
+        or sorted(model) != sorted(_MODEL_KEYS)
+        or not all(type(v) is int for v in model.values())
+    ):
         raise ValueError(f"{where}: 'model' must give the integers {list(_MODEL_KEYS)}, got {model!r}.")
     entries = manifest.get("edits")
     if not isinstance(entries, list):
@@ -217,12 +292,18 @@ def _read_manifest(text: Any, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: edit #{i} must have exactly the fields {sorted(_EDIT_FIELDS)}.")
         for key, kind in _EDIT_FIELDS.items():
             value = e[key]
-            if not isinstance(value, kind) or (key == "alpha" and (isinstance(value, bool) or not math.isfinite(value))):
+            if not isinstance(value, kind) or (
+                key == "alpha" and (isinstance(value, bool) or not math.isfinite(value))
+            ):
                 raise ValueError(f"{where}: edit #{i} field {key!r} has the wrong type or value: {value!r}.")
         if e["kind"] not in MODES:
-            raise ValueError(f"{where}: edit {e['name']!r} has an unknown kind {e['kind']!r}; kinds: {MODES}.")
+            raise ValueError(
+                f"{where}: edit {e['name']!r} has an unknown kind {e['kind']!r}; kinds: {MODES}."
+            )
         if (e["kind"] == "function") != isinstance(e["function"], str):
-            raise ValueError(f"{where}: edit {e['name']!r}: 'function' must be a name exactly for function edits.")
+            raise ValueError(
+                f"{where}: edit {e['name']!r}: 'function' must be a name exactly for function edits."
+            )
         if not e["hooks"] or not all(isinstance(h, str) for h in e["hooks"]):
             raise ValueError(f"{where}: edit {e['name']!r}: 'hooks' must be a non-empty list of hook names.")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in e["values"].items()):
@@ -230,4 +311,4 @@ def _read_manifest(text: Any, where: str) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["function_path", "json_spec", "read_edits", "table", "write_edits"]
+__all__ = ["describe", "function_path", "json_spec", "read_edits", "table", "write_edits"]

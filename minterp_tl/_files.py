@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, IO, Union
+from typing import IO, Any, Union
 
 
 def _umask() -> int:
@@ -16,7 +17,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(path: Union[str, os.PathLike[str]], write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it to ``path``.
 
     Args:
@@ -27,7 +28,9 @@ def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], Any]) -> P
         ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp"
+    )
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
@@ -41,7 +44,7 @@ def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], Any]) -> P
     return path
 
 
-def save_png(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
+def save_png(fig: Any, path: Union[str, os.PathLike[str]], dpi: int = 120) -> Path:
     """Save ``fig`` (a ``matplotlib.figure.Figure``) to ``path`` as a PNG, atomically. Figures made
     with ``Figure(...)`` need no pyplot, so plotting never changes the caller's matplotlib backend
     (inline figures in notebooks keep working)."""

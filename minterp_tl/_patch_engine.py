@@ -11,9 +11,9 @@ Used by :mod:`minterp_tl.patching`; private.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from minterp_tl._checks import positive_int
 from minterp_tl.fast_path import CorruptedRun, FastPathStatus, check
 from minterp_tl.hooks import hook_layout
-
 
 # --------------------------------------------------------------------------------------------------
 # The batched engine
@@ -93,7 +92,7 @@ class Patch:
 
     name: str
     setter: Callable
-    index: Sequence[int]
+    index: Sequence[Any]  # TransformerLens's index (ints; the spec sweeps' may hold None for "all")
     clean: Tensor
     layer: int
 
@@ -131,7 +130,8 @@ def _tiles(starts: Sequence[tuple[int, int]], per_forward: int, n_layers: int, n
     """Group patches, given as their ``(start layer, start position)``, into chunks of at most
     ``per_forward`` copies that share a high start layer and start position: tiles of the (layer, position)
     plane, of the shape that minimises the modelled cost
-    ``sum over chunks of (overhead + sum over members of (n_layers - l0) (n_pos - p0) / (n_layers n_pos))``."""
+    ``sum over chunks of (overhead + sum over members of (n_layers - l0) (n_pos - p0) / (n_layers n_pos))``.
+    """
     keys = list(starts)
     counts: dict[tuple[int, int], int] = defaultdict(int)
     for key in keys:
@@ -209,7 +209,9 @@ def run_patched(
         else:
             todo.append(i)
             first[i] = change or 0
-    status = check(model, corrupted) if todo else FastPathStatus(False, False, False, "no patch needed a forward")
+    status = (
+        check(model, corrupted) if todo else FastPathStatus(False, False, False, "no patch needed a forward")
+    )
     last_only = last_only and status.last_only
     starts = [(patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo]
     chunks = [[todo[j] for j in chunk] for chunk in _tiles(starts, per_forward, n_layers, n_pos)]
@@ -221,7 +223,8 @@ def run_patched(
             by_name[patches[i].name].append((c, patches[i]))
 
         def make_hook(name: str, items: list[tuple[int, Patch]]):
-            pos_axis, _ = hook_layout(name, 4)
+            pos_axis = hook_layout(name, 4)[0]
+            assert pos_axis is not None  # every four-axis hook has a position axis
 
             def hook(act: Tensor, hook: Any = None) -> Tensor:
                 act = act.clone()
@@ -235,9 +238,11 @@ def run_patched(
                     if prefix is not None:
                         if not torch.equal(out.narrow(pos_axis, 0, p0), prefix):
                             raise RuntimeError(
-                                f"the patch setter for {name} at index {list(patch.index)} changed positions before "
-                                f"{p0} in the patched run, but not when it was called on the corrupted activation "
-                                "beforehand: setters must be deterministic functions of (activation, index, clean).")
+                                f"the patch setter for {name} at index {list(patch.index)} changed "
+                                f"positions before {p0} in the patched run, but not when it was called on "
+                                "the corrupted activation beforehand: setters must be deterministic "
+                                "functions of (activation, index, clean)."
+                            )
                         out = out.narrow(pos_axis, p0, out.shape[pos_axis] - p0)
                     if out is not part:
                         act[c * b : (c + 1) * b] = out
@@ -252,4 +257,6 @@ def run_patched(
             if p0 > 0 and not last_only:
                 out = torch.cat([corrupted.logits[:, :p0], out], dim=1)
             on_logits(i, out)
+
+
 __all__ = ["Patch", "check_sizes", "copies_per_forward", "run_patched"]

@@ -14,7 +14,14 @@ import functools
 from collections.abc import Sequence
 
 __all__ = [
-    "SpecError", "TokenIndex", "check_prompts", "check_tokens", "clip", "int_text", "resolve_token", "show",
+    "SpecError",
+    "TokenIndex",
+    "check_prompts",
+    "check_tokens",
+    "clip",
+    "int_text",
+    "resolve_token",
+    "show",
     "token_repr",
 ]
 

@@ -45,17 +45,19 @@ def write_states(states: Sequence[SavedState], path: Union[str, os.PathLike]) ->
             while positions_key in state_keys or positions_key in tensors:
                 positions_key += "#"
             tensors[positions_key] = state.positions
-        entries.append({
-            "key": key,
-            "positions_key": positions_key,
-            "tag": state.tag,
-            "name": state.name,
-            "positions": state.positions is not None,
-            "heads": None if state.heads is None else list(state.heads),
-            "pos_axis": state.pos_axis,
-            "head_axis": state.head_axis,
-            "str_tokens": None if state.str_tokens is None else [list(t) for t in state.str_tokens],
-        })
+        entries.append(
+            {
+                "key": key,
+                "positions_key": positions_key,
+                "tag": state.tag,
+                "name": state.name,
+                "positions": state.positions is not None,
+                "heads": None if state.heads is None else list(state.heads),
+                "pos_axis": state.pos_axis,
+                "head_axis": state.head_axis,
+                "str_tokens": None if state.str_tokens is None else [list(t) for t in state.str_tokens],
+            }
+        )
     metadata = {"minterp_tl.kind": "StateManager", "minterp_tl.states": json.dumps(entries)}
     return StateStore(path).save(tensors, metadata)
 
@@ -81,19 +83,23 @@ def read_states(path: Union[str, os.PathLike]) -> list[SavedState]:
     try:
         for e in json.loads(metadata["minterp_tl.states"]):
             positions_key = e.get("positions_key") or e["key"] + "#positions"
-            states.append(SavedState(
-                tensor=tensors[e["key"]],
-                name=e["name"],
-                tag=e["tag"],
-                positions=tensors[positions_key] if e["positions"] else None,
-                heads=None if e["heads"] is None else tuple(int(h) for h in e["heads"]),
-                pos_axis=e["pos_axis"],
-                head_axis=e["head_axis"],
-                str_tokens=None if e["str_tokens"] is None else tuple(tuple(t) for t in e["str_tokens"]),
-            ))
+            states.append(
+                SavedState(
+                    tensor=tensors[e["key"]],
+                    name=e["name"],
+                    tag=e["tag"],
+                    positions=tensors[positions_key] if e["positions"] else None,
+                    heads=None if e["heads"] is None else tuple(int(h) for h in e["heads"]),
+                    pos_axis=e["pos_axis"],
+                    head_axis=e["head_axis"],
+                    str_tokens=None if e["str_tokens"] is None else tuple(tuple(t) for t in e["str_tokens"]),
+                )
+            )
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as err:
-        raise ValueError(f"The states saved at {str(path)!r} have a malformed description "
-                         f"({type(err).__name__}: {str(err)[:120]}).") from None
+        raise ValueError(
+            f"The states saved at {str(path)!r} have a malformed description "
+            f"({type(err).__name__}: {str(err)[:120]})."
+        ) from None
     return states
 
 

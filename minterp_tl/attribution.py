@@ -58,10 +58,11 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from minterp_tl._checks import token_ids
-from minterp_tl.names import resolve_name
-from minterp_tl.patching import MetricFn, PatchSweep
-from minterp_tl.specs import SpecLike, resolve
 from minterp_tl.hooks import hook_layout, n_heads
+from minterp_tl.metrics import MetricFn
+from minterp_tl.names import resolve_name
+from minterp_tl.specs import SpecLike, resolve
+from minterp_tl.sweeps import PatchSweep
 
 CleanInput = Union[Int[Tensor, "batch pos"], ActivationCache, Mapping[str, Tensor]]
 """What :func:`attribution_patch` takes as the clean run: tokens, or a cache of its activations."""
@@ -187,30 +188,40 @@ def attribution_patch(
     if not callable(metric):
         raise ValueError(f"metric must be a function logits -> scalar tensor, got {type(metric).__name__}")
     if torch.is_inference_mode_enabled():
-        raise ValueError("attribution_patch needs autograd, but it was called under torch.inference_mode(); "
-                         "call it outside that block (torch.no_grad() around it is fine).")
+        raise ValueError(
+            "attribution_patch needs autograd, but it was called under torch.inference_mode(); "
+            "call it outside that block (torch.no_grad() around it is fine)."
+        )
     n_pos = int(corrupted_tokens.shape[1])
     layer_idx = _nonempty(resolve(layers, model.cfg.n_layers, what="layer"), layers, "layer")
     names = [resolve_name(model, hook, l) for l in layer_idx]
     if len(set(names)) != len(names):
-        raise ValueError(f"hook {hook!r} names the same hook point at every layer ({names[0]!r}); "
-                         "give a per-layer name without a layer, such as 'resid_pre' or 'attn.hook_z'.")
+        raise ValueError(
+            f"hook {hook!r} names the same hook point at every layer ({names[0]!r}); "
+            "give a per-layer name without a layer, such as 'resid_pre' or 'attn.hook_z'."
+        )
     pos_axis, head_axis = hook_layout(names[0], 4)
     pos_idx = None
     if positions is not None:
         if pos_axis is None:
-            raise ValueError(f"positions={positions!r} given for {names[0]}, which has no position axis; "
-                             "pass positions=None.")
+            raise ValueError(
+                f"positions={positions!r} given for {names[0]}, which has no position axis; "
+                "pass positions=None."
+            )
         pos_idx = _nonempty(resolve(positions, n_pos, what="position"), positions, "position")
     head_idx = None
     if heads is not None:
         if head_axis is None:
-            raise ValueError(f"heads={heads!r} given for {names[0]}, which has no head axis; valid only for "
-                             "hooks with one (q, k, v, z, result, pattern, attn_scores).")
+            raise ValueError(
+                f"heads={heads!r} given for {names[0]}, which has no head axis; valid only for "
+                "hooks with one (q, k, v, z, result, pattern, attn_scores)."
+            )
         head_idx = _nonempty(resolve(heads, n_heads(model, names[0]), what="head"), heads, "head")
     if pos_idx is None and head_idx is None:
-        raise ValueError("attribution_patch needs positions, heads, or both to sweep over "
-                         "(positions=None and heads=None leaves nothing).")
+        raise ValueError(
+            "attribution_patch needs positions, heads, or both to sweep over "
+            "(positions=None and heads=None leaves nothing)."
+        )
 
     if isinstance(clean, (ActivationCache, Mapping)):
         cache = clean
@@ -227,8 +238,10 @@ def attribution_patch(
     def make_hook(name: str):
         def store(act: Tensor, hook: Any = None) -> Tensor:
             if name in seen:
-                raise ValueError(f"hook {name!r} ran twice in one forward pass; attribution patching needs "
-                                 "one activation per hook.")
+                raise ValueError(
+                    f"hook {name!r} ran twice in one forward pass; attribution patching needs "
+                    "one activation per hook."
+                )
             if not act.is_floating_point():
                 raise ValueError(f"hook {name!r} carries a {act.dtype} tensor, which has no gradient.")
             delta = torch.zeros_like(act, requires_grad=True)
@@ -241,15 +254,21 @@ def attribution_patch(
         logits = model(corrupted_tokens)
         missing = [n for n in names if n not in seen]
         if missing:
-            raise ValueError(f"hook(s) {missing} did not run in the forward pass, so they cannot be attributed.")
+            raise ValueError(
+                f"hook(s) {missing} did not run in the forward pass, so they cannot be attributed."
+            )
         out = metric(logits)
         if not isinstance(out, Tensor) or out.ndim != 0:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"metric must return a scalar tensor, got {shape}; average over the batch "
-                             "(as patching.logit_diff_metric does with reduce='mean').")
+            raise ValueError(
+                f"metric must return a scalar tensor, got {shape}; average over the batch "
+                "(as patching.logit_diff_metric does with reduce='mean')."
+            )
         if not out.requires_grad:
-            raise ValueError("metric's value does not depend on the logits through autograd (did it call "
-                             ".item(), .detach() or torch.no_grad()?); attribution needs its gradient.")
+            raise ValueError(
+                "metric's value does not depend on the logits through autograd (did it call "
+                ".item(), .detach() or torch.no_grad()?); attribution needs its gradient."
+            )
         grads = torch.autograd.grad(out, [seen[n][1] for n in names], allow_unused=True)
     corrupted_metric = float(out.detach())
 
@@ -258,7 +277,8 @@ def attribution_patch(
         corrupted_act = seen[name][0]
         clean_act = clean_act.to(corrupted_act.device)
         if clean_act.shape != corrupted_act.shape and not (
-            clean_act.ndim == corrupted_act.ndim and clean_act.shape[0] == 1
+            clean_act.ndim == corrupted_act.ndim
+            and clean_act.shape[0] == 1
             and clean_act.shape[1:] == corrupted_act.shape[1:]
         ):
             raise ValueError(
@@ -271,7 +291,8 @@ def attribution_patch(
         product = (clean_act.float() - corrupted_act.float()) * grad.float()
         keep = [a for a, idx in ((pos_axis, pos_idx), (head_axis, head_idx)) if idx is not None]
         summed = product.sum(dim=[a for a in range(product.ndim) if a not in keep])
-        if len(keep) == 2 and head_axis < pos_axis:  # pattern / attn_scores: [head, pos] -> [pos, head]
+        # pattern / attn_scores are [head, pos]: give [pos, head]
+        if len(keep) == 2 and head_axis is not None and pos_axis is not None and head_axis < pos_axis:
             summed = summed.transpose(0, 1)
         if head_idx is not None and summed.shape[-1] <= max(head_idx):
             raise ValueError(f"{name} has {summed.shape[-1]} heads but heads selects {max(head_idx)}.")
@@ -281,11 +302,15 @@ def attribution_patch(
             summed = summed[..., torch.as_tensor(head_idx, device=summed.device)]
         rows.append(summed.detach().cpu())
 
-    axes = ("layer",) + (("pos",) if pos_idx is not None else ()) + (("head",) if head_idx is not None else ())
+    axes = (
+        ("layer",) + (("pos",) if pos_idx is not None else ()) + (("head",) if head_idx is not None else ())
+    )
     labels = None
     if getattr(model, "tokenizer", None) is not None and corrupted_tokens.shape[0] == 1:
         labels = list(model.to_str_tokens(corrupted_tokens[0]))
-    return AttributionSweep(torch.stack(rows), axes, layer_idx, pos_idx, head_idx, hook, labels, corrupted_metric)
+    return AttributionSweep(
+        torch.stack(rows), axes, layer_idx, pos_idx, head_idx, hook, labels, corrupted_metric
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,7 +347,9 @@ def get_attr_patch_attn_head_out_all_pos(
 ) -> Float[Tensor, "n_layers n_heads"]:
     """Each head's output (``z``) at every position at once (estimate of
     ``get_act_patch_attn_head_out_all_pos`` minus the corrupted metric)."""
-    return attribution_patch(model, clean_cache, corrupted_tokens, metric, "z", positions=None, heads="all").values
+    return attribution_patch(
+        model, clean_cache, corrupted_tokens, metric, "z", positions=None, heads="all"
+    ).values
 
 
 def get_attr_patch_attn_head_out_by_pos(
@@ -330,7 +357,9 @@ def get_attr_patch_attn_head_out_by_pos(
 ) -> Float[Tensor, "n_layers pos n_heads"]:
     """Each head's output (``z``), by position (estimate of ``get_act_patch_attn_head_out_by_pos``
     minus the corrupted metric)."""
-    return attribution_patch(model, clean_cache, corrupted_tokens, metric, "z", positions="all", heads="all").values
+    return attribution_patch(
+        model, clean_cache, corrupted_tokens, metric, "z", positions="all", heads="all"
+    ).values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,9 +392,11 @@ class AgreementReport:
 
     def __str__(self) -> str:
         hits = round(self.top_k_overlap * self.k)
-        return (f"attribution vs patching over {self.n} indices: pearson {self.pearson:.3f}, spearman "
-                f"{self.spearman:.3f}, top-{self.k} overlap {hits}/{self.k}, top index "
-                f"{'agrees' if self.same_top else 'differs'}, max |error| {self.max_abs_error:.4g}")
+        return (
+            f"attribution vs patching over {self.n} indices: pearson {self.pearson:.3f}, spearman "
+            f"{self.spearman:.3f}, top-{self.k} overlap {hits}/{self.k}, top index "
+            f"{'agrees' if self.same_top else 'differs'}, max |error| {self.max_abs_error:.4g}"
+        )
 
 
 def _as_values(x: Any, what: str) -> Tensor:
@@ -376,7 +407,9 @@ def _as_values(x: Any, what: str) -> Tensor:
         try:
             x = torch.as_tensor(x, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{what} must be a tensor (or a sweep with .values), got {type(x).__name__}") from None
+            raise ValueError(
+                f"{what} must be a tensor (or a sweep with .values), got {type(x).__name__}"
+            ) from None
     x = x.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what} has non-finite values (nan or inf); compare only finite results.")
@@ -400,8 +433,9 @@ def _ranks(x: Tensor) -> Tensor:
     return ranks
 
 
-def compare(attribution_values: Any, patching_values: Any, *, k: int = 5,
-            baseline: Optional[float] = None) -> AgreementReport:
+def compare(
+    attribution_values: Any, patching_values: Any, *, k: int = 5, baseline: Optional[float] = None
+) -> AgreementReport:
     """Agreement of attribution patching with activation patching over the same indices.
 
     Attribution estimates the *change* of the metric, so ``patching_values`` should be patching
@@ -427,8 +461,10 @@ def compare(attribution_values: Any, patching_values: Any, *, k: int = 5,
     a = _as_values(attribution_values, "attribution_values")
     p = _as_values(patching_values, "patching_values")
     if a.shape != p.shape:
-        raise ValueError(f"attribution_values has shape {tuple(a.shape)} but patching_values has "
-                         f"{tuple(p.shape)}; compare results over the same indices.")
+        raise ValueError(
+            f"attribution_values has shape {tuple(a.shape)} but patching_values has "
+            f"{tuple(p.shape)}; compare results over the same indices."
+        )
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if baseline is not None:

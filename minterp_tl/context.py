@@ -120,7 +120,9 @@ class RepresentationContext:
         if isinstance(self.prompts, Tensor):
             prompts = f"<tokens {tuple(self.prompts.shape)}>"
         else:
-            shown = ", ".join(repr(p) if isinstance(p, str) else f"<{len(p)} tokens>" for p in self.prompts[:3])
+            shown = ", ".join(
+                repr(p) if isinstance(p, str) else f"<{len(p)} tokens>" for p in self.prompts[:3]
+            )
             prompts = f"[{shown}{', ...' if len(self.prompts) > 3 else ''}] ({len(self.prompts)})"
         return (
             f"RepresentationContext(name={self.name!r}, prompts={prompts}, layers={self.layers!r}, "
@@ -142,9 +144,7 @@ def _check_prompts(prompts: Any) -> Union[tuple[str, ...], Tensor, tuple[tuple[i
     if isinstance(prompts, Sequence) and len(prompts) > 0:
         if all(isinstance(p, str) for p in prompts):
             return tuple(prompts)
-        if all(
-            isinstance(p, (Sequence, Tensor)) and not isinstance(p, str) and len(p) > 0 for p in prompts
-        ):
+        if all(isinstance(p, (Sequence, Tensor)) and not isinstance(p, str) and len(p) > 0 for p in prompts):
             ids = tuple(tuple(int(t) for t in p) for p in prompts)
             if all(len(p) == len(ids[0]) for p in ids):
                 return torch.tensor(ids, dtype=torch.long)

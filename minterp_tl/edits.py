@@ -44,10 +44,10 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -56,6 +56,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from minterp_tl import _deprecated, _edit_files
 from minterp_tl._checks import did_you_mean
+from minterp_tl._edit_files import function_path
 from minterp_tl.hooks import firing_order, hook_layout
 from minterp_tl.interventions import (
     MODES,
@@ -129,24 +130,7 @@ class Edit:
 
     def describe(self) -> str:
         """Selection and value in a few words, for :meth:`Edits.table`."""
-        iv = self.intervention
-        parts = [f"{label}={_spec_text(spec)}" for label, spec in
-                 (("heads", iv.heads), ("neurons", iv.neurons), ("pos", iv.positions)) if spec is not None]
-        first = next(iter(self.values.values()), None)
-        if self.kind in ("mean", "set", "patch") and first is not None:
-            parts.append(f"{self.kind if self.kind != 'set' else 'value'} {tuple(first.shape)}")
-        elif self.kind == "add" and first is not None:
-            parts.append(f"{self.alpha:g} x vector {tuple(first.shape)} |v|={float(first.float().norm()):.3g}")
-        elif self.kind == "scale":
-            parts.append(f"x {self.alpha:g}")
-        elif self.kind == "function":
-            path = self.function or f"{getattr(self.fn, '__qualname__', self.fn)!s} (not importable)"
-            parts.append(path + (f" {json.dumps(dict(self.kwargs))}" if self.kwargs else ""))
-        return ", ".join(parts)
-
-
-def _spec_text(spec: Any) -> str:
-    return ",".join(str(s) for s in spec) if isinstance(spec, list) else str(spec)
+        return _edit_files.describe(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,7 +181,9 @@ class Edits:
             edit = name
         else:
             if not isinstance(intervention, Intervention):
-                raise ValueError(f"Edits.add needs a name and an Intervention, got {type(intervention).__name__}.")
+                raise ValueError(
+                    f"Edits.add needs a name and an Intervention, got {type(intervention).__name__}."
+                )
             edit = self._build(name, intervention)
         self._check_name(edit.name)
         self._edits[edit.name] = edit
@@ -209,9 +195,16 @@ class Edits:
         self._check_name(name)
         iv = intervention
         stored = Intervention(
-            iv.hook, iv.mode, iv.value, layers=iv.layers, positions=_edit_files.json_spec(iv.positions, "position"),
-            heads=_edit_files.json_spec(iv.heads, "head"), neurons=_edit_files.json_spec(iv.neurons, "index"), alpha=iv.alpha,
-            fn=iv.fn, kwargs=iv.kwargs,
+            iv.hook,
+            iv.mode,
+            iv.value,
+            layers=iv.layers,
+            positions=_edit_files.json_spec(iv.positions, "position"),
+            heads=_edit_files.json_spec(iv.heads, "head"),
+            neurons=_edit_files.json_spec(iv.neurons, "index"),
+            alpha=iv.alpha,
+            fn=iv.fn,
+            kwargs=iv.kwargs,
         )
         steps = tuple(resolve_steps(self.model, stored, what=f"Edit {name!r}"))
         if iv.mode == "function" and function is None:
@@ -263,18 +256,22 @@ class Edits:
         value: Any = None
         if how == "mean":
             if (reference is None) == (mean is None):
-                raise ValueError("ablate(how='mean') needs exactly one of reference= (tokens) or mean= (tensor).")
+                raise ValueError(
+                    "ablate(how='mean') needs exactly one of reference= (tokens) or mean= (tensor)."
+                )
             value = mean if mean is not None else self._means(self._hooks(hook, layers), reference)  # type: ignore[arg-type]
         elif reference is not None or mean is not None:
             raise ValueError("reference= and mean= are for how='mean' only.")
-        record = Intervention(hook, how, value, layers=layers, positions=positions, heads=heads, neurons=neurons)
+        record = Intervention(
+            hook, how, value, layers=layers, positions=positions, heads=heads, neurons=neurons
+        )
         return self.add(self._build(name, record))
 
     def steer(
         self,
         name: str,
         hook: NameSpec,
-        vector: Union[Float[Tensor, "..."], Mapping[str, Tensor]],
+        vector: Union[Float[Tensor, ...], Mapping[str, Tensor]],
         *,
         layers: SpecLike = None,
         positions: SpecLike = None,
@@ -335,8 +332,9 @@ class Edits:
         neurons: SpecLike = None,
     ) -> Edit:
         """Multiply the selected positions / heads / neurons of an activation by ``alpha``."""
-        record = Intervention(hook, "scale", layers=layers, positions=positions, heads=heads, neurons=neurons,
-                              alpha=alpha)
+        record = Intervention(
+            hook, "scale", layers=layers, positions=positions, heads=heads, neurons=neurons, alpha=alpha
+        )
         return self.add(self._build(name, record))
 
     def add_function(
@@ -360,14 +358,20 @@ class Edits:
             kwargs: Keyword arguments for ``fn``; JSON values (written with the edit).
         """
         if not callable(fn) or isinstance(fn, str):
-            raise ValueError(f"add_function fn must be the function itself (nothing is imported by name), got {fn!r}.")
+            raise ValueError(
+                f"add_function fn must be the function itself (nothing is imported by name), got {fn!r}."
+            )
         kwargs = dict(kwargs or {})
         try:
             if json.loads(json.dumps(kwargs)) != kwargs:
                 raise TypeError("values change in a JSON round trip")
         except (TypeError, ValueError) as err:
-            raise ValueError(f"add_function kwargs must be JSON values (str keys), got {kwargs!r}: {err}.") from None
-        return self.add(self._build(name, Intervention(hook, "function", layers=layers, fn=fn, kwargs=kwargs)))
+            raise ValueError(
+                f"add_function kwargs must be JSON values (str keys), got {kwargs!r}: {err}."
+            ) from None
+        return self.add(
+            self._build(name, Intervention(hook, "function", layers=layers, fn=fn, kwargs=kwargs))
+        )
 
     def _hooks(self, hook: NameSpec, layers: SpecLike) -> tuple[str, ...]:
         if not isinstance(hook, (str, tuple)):
@@ -393,8 +397,10 @@ class Edits:
     def get(self, name: str) -> Edit:
         """The edit named ``name`` (``ValueError`` listing the closest names if there is none)."""
         if name not in self._edits:
-            raise ValueError(f"No edit named {name!r}{did_you_mean(name, self._edits, cutoff=0.5)}. "
-                             f"Edits: {list(self._edits)}.")
+            raise ValueError(
+                f"No edit named {name!r}{did_you_mean(name, self._edits, cutoff=0.5)}. "
+                f"Edits: {list(self._edits)}."
+            )
         return self._edits[name]
 
     def enable(self, *names: str) -> None:
@@ -465,7 +471,10 @@ class Edits:
                 point.fwd_hooks.remove(handle)
         for hook in sorted(needed - set(self._handles)):
             point = self.model.hook_dict[hook]
-            self._handles[hook] = (point, point.add_hook(self._dispatcher(hook), dir="fwd", is_permanent=True))
+            self._handles[hook] = (
+                point,
+                point.add_hook(self._dispatcher(hook), dir="fwd", is_permanent=True),
+            )
         if needed and not self._batch:
             self._watch_batches()
         elif not needed:
@@ -495,20 +504,20 @@ class Edits:
         if isinstance(unembed, torch.nn.Module):
             self._batch.append(unembed.register_forward_hook(forget))
 
-    def _dispatcher(self, hook_name: str) -> Callable[[Tensor, Any], Optional[Tensor]]:
+    def _dispatcher(self, hook_name: str) -> Callable[..., Optional[Tensor]]:
         ref = weakref.ref(self)
 
-        def apply_edits(x: Tensor, hook: Any) -> Optional[Tensor]:
+        def apply_edits(tensor: Tensor, *, hook: Any) -> Optional[Tensor]:
             edits = ref()
             if edits is None or edits._paused:
                 return None
-            out = x
+            out = tensor
             for edit in edits._edits.values():  # insertion order
                 if edits._enabled[edit.name]:
                     for step in edit.steps:
                         if step.hook == hook_name:
                             out = apply_step(out, step, edits._layout, hook)
-            return None if out is x else out
+            return None if out is tensor else out
 
         apply_edits.__qualname__ = f"Edits.apply_edits[{hook_name}]"
         return apply_edits
@@ -571,8 +580,10 @@ class Edits:
         list, each known by its ``"module:qualname"``, or ``{name: function}``). See
         :func:`minterp_tl._edit_files.read_edits` for every check made before an edit is installed."""
         if "allowed_modules" in removed:
-            raise ValueError("Edits.read imports no function named in a file (allowed_modules is gone): "
-                             "pass the functions themselves, e.g. Edits.read(model, path, functions=[clip]).")
+            raise ValueError(
+                "Edits.read imports no function named in a file (allowed_modules is gone): "
+                "pass the functions themselves, e.g. Edits.read(model, path, functions=[clip])."
+            )
         if removed:
             raise TypeError(f"Edits.read got unexpected keyword arguments {sorted(removed)}")
         edits = cls(model)
@@ -593,12 +604,6 @@ class Edits:
         """Deprecated spelling of :meth:`read`."""
         _deprecated.warn("Edits.load(model, path)", "Edits.read(model, path)")
         return cls.read(model, path, functions, **removed)
-
-
-def function_path(fn: Callable) -> Optional[str]:
-    """``"module:name"`` of ``fn`` if it is a plain function at the top level of an imported module (the
-    name a written edit records), else ``None``; see :func:`minterp_tl._edit_files.function_path`."""
-    return _edit_files.function_path(fn)
 
 
 __all__ = ["Edit", "EditFunction", "EditKind", "Edits", "KINDS", "function_path"]

@@ -54,8 +54,8 @@ class FastPathStatus:
     reason: Optional[str] = None
 
 
-_LAST: "weakref.WeakKeyDictionary[Any, FastPathStatus]" = weakref.WeakKeyDictionary()
-_WARNED: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+_LAST: weakref.WeakKeyDictionary[Any, FastPathStatus] = weakref.WeakKeyDictionary()
+_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def last_status(model: Any) -> Optional[FastPathStatus]:
@@ -95,8 +95,12 @@ def _cache_kwarg_shim(model: Any) -> Iterator[None]:
             if isinstance(attn, torch.nn.Module):
                 handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
-            warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message="`past_key_values` is deprecated", category=FutureWarning
+            )
+            warnings.filterwarnings(
+                "ignore", message="Both `past_key_values` and `cache` are set", category=FutureWarning
+            )
             yield
     finally:
         for handle in handles:
@@ -172,7 +176,9 @@ class CorruptedRun:
             return hook
 
         hooks = [(name, keep(name)) for name in wanted if name in model.hook_dict]
-        self.block_tuple_len = 0  # the form a block's own forward returns: 0 = a tensor (native bridges: 1-tuples)
+        self.block_tuple_len = (
+            0  # the form a block's own forward returns: 0 = a tensor (native bridges: 1-tuples)
+        )
 
         def note_form(module: Any, args: Any, output: Any) -> None:
             self.block_tuple_len = len(output) if isinstance(output, tuple) else 0
@@ -189,11 +195,15 @@ class CorruptedRun:
         if cache is not None:
             layers = getattr(cache, "layers", None) or []
             kv = [(layer.keys, layer.values) for layer in layers if getattr(layer, "keys", None) is not None]
-            if len(kv) == n_layers and all(k.shape[-2] == n_pos and k.shape[0] == tokens.shape[0] for k, _ in kv):
+            if len(kv) == n_layers and all(
+                k.shape[-2] == n_pos and k.shape[0] == tokens.shape[0] for k, _ in kv
+            ):
                 self.kv = [(k.detach(), v.detach()) for k, v in kv]
             else:
-                self.kv_reason = (f"the model's attention layers left the key/value cache unfilled ({len(kv)} of "
-                                  f"{n_layers} layers hold keys)")
+                self.kv_reason = (
+                    f"the model's attention layers left the key/value cache unfilled ({len(kv)} of "
+                    f"{n_layers} layers hold keys)"
+                )
 
     def _run(self, hooks: list) -> Any:
         """The corrupted forward: sets ``logits`` and ``acts``, returns the filled key/value cache (or
@@ -218,7 +228,9 @@ class CorruptedRun:
         assert self.kv is not None
         cache = _new_cache()
         for layer, (k, v) in enumerate(self.kv):
-            cache.update(k[..., :p0, :].repeat(copies, 1, 1, 1), v[..., :p0, :].repeat(copies, 1, 1, 1), layer)
+            cache.update(
+                k[..., :p0, :].repeat(copies, 1, 1, 1), v[..., :p0, :].repeat(copies, 1, 1, 1), layer
+            )
         return cache
 
     def forward(
@@ -236,7 +248,9 @@ class CorruptedRun:
             resid = self.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(copies, 1, 1)
             past = self.past(p0, copies) if p0 > 0 else None
             with _skip_blocks(model, l0, self.block_tuple_len), _cache_kwarg_shim(model):
-                out = model.run_with_hooks(resid, fwd_hooks=list(hooks), start_at_layer=l0, past_key_values=past, **extra)
+                out = model.run_with_hooks(
+                    resid, fwd_hooks=list(hooks), start_at_layer=l0, past_key_values=past, **extra
+                )
         return out[:, -1:] if last_only else out  # native bridges ignore logits_to_keep
 
 
@@ -259,8 +273,8 @@ def _agrees(run: CorruptedRun, l0: int, p0: int, last_only: bool = False) -> tup
     want = run.logits[:, -1:] if last_only else run.logits[:, p0:]
     if out.shape != want.shape:
         return False, f"it gave logits of shape {tuple(out.shape)}, expected {tuple(want.shape)}"
-    err = float((out - want).abs().max())
-    return (err <= TOLERANCE, f"its logits differ from the plain run by {err:.2g} (> {TOLERANCE:g})")
+    diff = float((out - want).abs().max())
+    return (diff <= TOLERANCE, f"its logits differ from the plain run by {diff:.2g} (> {TOLERANCE:g})")
 
 
 def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus:
@@ -275,9 +289,13 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
     n_layers, n_pos = model.cfg.n_layers, run.tokens.shape[1]
     reasons: dict[str, str] = {}  # kind -> text; a kind is warned about once per model
     l0 = n_layers // 2
-    layers, why = (False, "the model has no blocks stack") if not hasattr(model, "blocks") else _agrees(run, l0, 0)
+    layers, why = (
+        (False, "the model has no blocks stack") if not hasattr(model, "blocks") else _agrees(run, l0, 0)
+    )
     if not layers:
-        reasons["layers"] = f"layer start off: resuming at block {l0} from the corrupted residual failed ({why})"
+        reasons["layers"] = (
+            f"layer start off: resuming at block {l0} from the corrupted residual failed ({why})"
+        )
     positions = False
     window = _sliding_window(model)
     if not layers or n_pos < 2:
@@ -285,13 +303,17 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
     elif run.kv is None:
         reasons["no-cache"] = f"position start off: {run.kv_reason}"
     elif window is not None and n_pos > window:
-        reasons["window"] = (f"position start off for prompts longer than the sliding attention window of "
-                             f"{window} tokens (this one has {n_pos})")
+        reasons["window"] = (
+            f"position start off for prompts longer than the sliding attention window of "
+            f"{window} tokens (this one has {n_pos})"
+        )
     else:
         positions, why = _agrees(run, l0, n_pos // 2)
         if not positions:
-            reasons["positions"] = (f"position start off: resuming at block {l0}, position {n_pos // 2} from "
-                                    f"the corrupted key/value cache failed ({why})")
+            reasons["positions"] = (
+                f"position start off: resuming at block {l0}, position {n_pos // 2} from "
+                f"the corrupted key/value cache failed ({why})"
+            )
     last_only = False
     if layers:
         last_only, why = _agrees(run, l0, n_pos // 2 if positions else 0, last_only=True)
@@ -305,9 +327,12 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
         for kind, text in reasons.items():
             if kind not in warned:
                 warned.add(kind)
-                warnings.warn(f"minterp_tl.patching fast path on {name}: {text}. Values are unaffected; the "
-                              "sweep recomputes more. patching.fast_path_status(model) shows the decision.",
-                              RuntimeWarning, stacklevel=4)  # the caller of the patching function
+                warnings.warn(
+                    f"minterp_tl.patching fast path on {name}: {text}. Values are unaffected; the "
+                    "sweep recomputes more. patching.fast_path_status(model) shows the decision.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )  # the caller of the patching function
     return status
 
 

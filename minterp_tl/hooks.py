@@ -31,8 +31,13 @@ WriteMode = Literal["set", "add"]
 
 _HEAD_FIRST = ("attn.hook_pattern", "attn.hook_attn_scores")
 _HEAD_SECOND = (
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result",
-    "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_z",
+    "attn.hook_result",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
 )
 _KEY_VALUE = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k")
 
@@ -72,6 +77,12 @@ def n_heads(model: Any, name: str) -> int:
     return int(cfg.n_heads)
 
 
+def _axis(axis: Optional[int], what: str) -> int:
+    if axis is None:
+        raise ValueError(f"this activation has no {what} axis to select on")
+    return axis
+
+
 def layer_of(name: str) -> Optional[int]:
     """The block index of a canonical hook name (``blocks.3.hook_resid_pre`` -> 3), or ``None``."""
     parts = name.split(".")
@@ -101,15 +112,15 @@ def gather(
     """
     x = x.detach()
     if units is not None:
-        x = x.index_select(unit_axis, torch.as_tensor(list(units), device=x.device))
+        x = x.index_select(_axis(unit_axis, "unit"), torch.as_tensor(list(units), device=x.device))
     if positions is not None:
         positions = positions.to(x.device)
-        moved = x.movedim(pos_axis, 1)
+        moved = x.movedim(_axis(pos_axis, "position"), 1)
         if bool((positions == positions[:1]).all()):
             moved = moved.index_select(1, positions[0])
         else:
             moved = moved[torch.arange(moved.shape[0], device=x.device)[:, None], positions]
-        x = moved.movedim(1, pos_axis)
+        x = moved.movedim(1, _axis(pos_axis, "position"))
     if units is None and positions is None:
         x = x.clone()
     return x.contiguous()
@@ -134,10 +145,13 @@ def scatter(
     """
     b = x.shape[0]
     region = list(x.shape)
+    axes: list[int] = []
     if positions is not None:
-        region[pos_axis] = positions.shape[1]
+        axes.append(_axis(pos_axis, "position"))
+        region[axes[-1]] = positions.shape[1]
     if units is not None:
-        region[unit_axis] = len(units)
+        axes.append(_axis(unit_axis, "unit"))
+        region[axes[-1]] = len(units)
     try:
         value = torch.broadcast_to(value.to(device=x.device, dtype=x.dtype), region)
     except RuntimeError:
@@ -148,8 +162,6 @@ def scatter(
             "heads must equal the number selected here or be 1."
         ) from None
     out = x.clone()
-    axes = [pos_axis] if positions is not None else []
-    axes += [unit_axis] if units is not None else []
     if not axes:
         if mode == "add":
             out += value
@@ -174,7 +186,7 @@ def scatter(
     return out
 
 
-_FIRING_ORDER: "weakref.WeakKeyDictionary[Any, dict[int, int]]" = weakref.WeakKeyDictionary()
+_FIRING_ORDER: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
 
 
 def firing_order(model: Any) -> dict[int, int]:
@@ -201,4 +213,14 @@ def firing_order(model: Any) -> dict[int, int]:
     return order
 
 
-__all__ = ["SWITCHES", "WriteMode", "firing_order", "gather", "has_heads", "hook_layout", "layer_of", "n_heads", "scatter"]
+__all__ = [
+    "SWITCHES",
+    "WriteMode",
+    "firing_order",
+    "gather",
+    "has_heads",
+    "hook_layout",
+    "layer_of",
+    "n_heads",
+    "scatter",
+]

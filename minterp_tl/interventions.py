@@ -32,9 +32,9 @@ step with a key/value cache), specs are resolved against the activation's own po
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from jaxtyping import Int
@@ -88,21 +88,33 @@ class Intervention:
     def __post_init__(self) -> None:
         names = self.hook if isinstance(self.hook, list) else [self.hook]
         if not names or not all(isinstance(h, (str, tuple)) for h in names):
-            raise ValueError(f"Intervention hook must be a hook name (str) or a list of them, got {self.hook!r}.")
+            raise ValueError(
+                f"Intervention hook must be a hook name (str) or a list of them, got {self.hook!r}."
+            )
         if self.mode not in MODES:
             raise ValueError(f"Intervention mode must be one of {MODES}, got {self.mode!r}.")
         if (self.value is not None) != (self.mode in _NEEDS_VALUE):
             need = "needs" if self.mode in _NEEDS_VALUE else "takes no"
             raise ValueError(f"Intervention mode {self.mode!r} {need} value=.")
         if self.value is not None and not isinstance(self.value, (Tensor, Mapping)):
-            raise ValueError(f"Intervention value must be a tensor or {{hook: tensor}}, got {type(self.value).__name__}.")
-        if (self.fn is not None) != (self.mode == "function") or (self.fn is not None and not callable(self.fn)):
+            raise ValueError(
+                f"Intervention value must be a tensor or {{hook: tensor}}, got {type(self.value).__name__}."
+            )
+        if (self.fn is not None) != (self.mode == "function") or (
+            self.fn is not None and not callable(self.fn)
+        ):
             raise ValueError("Intervention fn= (a callable) is for mode 'function', and that mode needs it.")
         if self.mode == "function" and any(s is not None for s in (self.positions, self.heads, self.neurons)):
-            raise ValueError("Intervention mode 'function' gets the whole activation: no positions/heads/neurons.")
+            raise ValueError(
+                "Intervention mode 'function' gets the whole activation: no positions/heads/neurons."
+            )
         if not isinstance(self.kwargs, Mapping) or (self.kwargs and self.mode != "function"):
             raise ValueError("Intervention kwargs= (a mapping) is for mode 'function' only.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not math.isfinite(self.alpha)
+        ):
             raise ValueError(f"Intervention alpha must be a finite number, got {self.alpha!r}.")
         if self.heads is not None and self.neurons is not None:
             raise ValueError("Intervention takes heads= or neurons=, not both (neurons index the last axis).")
@@ -111,8 +123,10 @@ class Intervention:
         check_spec(self.neurons, "index")
         if isinstance(self.positions, Tensor):
             if self.positions.ndim != 2 or self.positions.dtype.is_floating_point:
-                raise ValueError(f"Intervention positions tensor must be [batch, k] integers, got "
-                                 f"{tuple(self.positions.shape)} {self.positions.dtype}.")
+                raise ValueError(
+                    f"Intervention positions tensor must be [batch, k] integers, got "
+                    f"{tuple(self.positions.shape)} {self.positions.dtype}."
+                )
         else:
             check_spec(self.positions, "position")
 
@@ -172,12 +186,15 @@ class BatchLayout:
         if n_pos != self.padded_length:
             rows = [resolve(spec, n_pos, what="position")] * b
         elif self.str_tokens is not None:
-            rows = resolve_positions(spec, self.str_tokens, padding_side=self.padding_side,
-                                     padded_length=self.padded_length)
+            rows = resolve_positions(
+                spec, self.str_tokens, padding_side=self.padding_side, padded_length=self.padded_length
+            )
         else:
             if isinstance(spec, Token):
-                raise ValueError(f"{what}: the token position {spec!r} needs the prompts' tokens, which "
-                                 "this forward pass does not have; give an index (-1), a slice or a list.")
+                raise ValueError(
+                    f"{what}: the token position {spec!r} needs the prompts' tokens, which "
+                    "this forward pass does not have; give an index (-1), a slice or a list."
+                )
             shift = [self.padded_length - n if self.padding_side == "left" else 0 for n in self.lengths]
             rows = [[p + s for p in resolve(spec, n, what="position")] for n, s in zip(self.lengths, shift)]
         if len({len(r) for r in rows}) != 1:
@@ -236,8 +253,10 @@ def resolve_steps(model: Any, intervention: Intervention, what: str = "intervent
         heads = None
         if iv.heads is not None and not (isinstance(iv.heads, str) and iv.heads.strip() == "all"):
             if not has_heads(hook):
-                raise ValueError(f"{what}: heads={iv.heads!r} was given for {hook}, which has no head axis; heads "
-                                 "apply to q, k, v, z, result, pattern and attn_scores hooks.")
+                raise ValueError(
+                    f"{what}: heads={iv.heads!r} was given for {hook}, which has no head axis; heads "
+                    "apply to q, k, v, z, result, pattern and attn_scores hooks."
+                )
             try:
                 heads = tuple(resolve(iv.heads, n_heads(model, hook), what="head"))
             except ValueError as err:
@@ -258,8 +277,10 @@ def _per_hook(model: Any, value: Any, hooks: Sequence[str], what: str) -> dict[s
         out[resolve_name(model, key)] = v.detach()
     missing, extra = [h for h in hooks if h not in out], [h for h in out if h not in hooks]
     if missing or extra:
-        raise ValueError(f"{what}: the value mapping must have one tensor per hook {list(hooks)}; missing "
-                         f"{missing}, not edited {extra}.")
+        raise ValueError(
+            f"{what}: the value mapping must have one tensor per hook {list(hooks)}; missing "
+            f"{missing}, not edited {extra}."
+        )
     return out
 
 
@@ -293,16 +314,25 @@ def apply_step(x: Tensor, step: Step, layout: Optional[BatchLayout], hook: Any =
         if pos_axis is None:
             raise ValueError(f"{step.what}: the activation has no position axis to select.")
         n_pos = int(x.shape[pos_axis])
-        where = layout if layout is not None and len(layout.lengths) == x.shape[0] else BatchLayout(
-            (n_pos,) * x.shape[0], n_pos)
+        where = (
+            layout
+            if layout is not None and len(layout.lengths) == x.shape[0]
+            else BatchLayout((n_pos,) * x.shape[0], n_pos)
+        )
         positions = where.positions(iv.positions, n_pos, step.what)
         if positions is not None:
             positions = positions.to(x.device)
             if positions.shape[0] == 1 and x.shape[0] != 1:
                 positions = positions.expand(x.shape[0], -1)
-            if positions.shape[0] != x.shape[0] or int(positions.max()) >= n_pos or int(positions.min()) < -n_pos:
-                raise ValueError(f"{step.what}: positions {positions.tolist()[:4]} do not fit an activation with "
-                                 f"batch {x.shape[0]} and {n_pos} positions.")
+            if (
+                positions.shape[0] != x.shape[0]
+                or int(positions.max()) >= n_pos
+                or int(positions.min()) < -n_pos
+            ):
+                raise ValueError(
+                    f"{step.what}: positions {positions.tolist()[:4]} do not fit an activation with "
+                    f"batch {x.shape[0]} and {n_pos} positions."
+                )
             positions = positions % n_pos
     unit_axis: Optional[int] = None
     units: Optional[Sequence[int]] = None
@@ -326,8 +356,10 @@ def apply_step(x: Tensor, step: Step, layout: Optional[BatchLayout], hook: Any =
     try:
         source = torch.broadcast_to(source, x.shape)
     except RuntimeError:
-        raise ValueError(f"Cannot load {step.what}: the {iv.mode} value of shape {tuple(source.shape)} does not "
-                         f"broadcast to the activation {tuple(x.shape)}.") from None
+        raise ValueError(
+            f"Cannot load {step.what}: the {iv.mode} value of shape {tuple(source.shape)} does not "
+            f"broadcast to the activation {tuple(x.shape)}."
+        ) from None
     region = gather(source, pos_axis, unit_axis, positions, units)
     return scatter(x, region, pos_axis, unit_axis, positions, units, "set", step.what)
 

@@ -17,21 +17,21 @@ a long prompt costs the states (``layers x positions x d_model``), not ``layers 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from minterp_tl._checks import positive_int
-from minterp_tl.context import Prompts, RepresentationContext
 from minterp_tl._files import save_png
+from minterp_tl.context import Prompts, RepresentationContext
 from minterp_tl.specs import SpecLike
 from minterp_tl.state import StateManager
 from minterp_tl.wrapper import Batch, ModelWrapper
-
 
 _MAX_TEXT_COLUMNS = 48  # the heatmap writes each cell's top token up to this many positions
 
@@ -187,7 +187,10 @@ class LensResult:
         pos = int(self.positions[prompt, position])
         token = self.batch.str_tokens[prompt][pos]
         head = f"logit lens at position {pos} ({token!r}) of prompt {prompt}"
-        lines = [head, f"{'layer':<7}" + "  ".join(f"{'top ' + str(i + 1):<20}" for i in range(probs.shape[-1]))]
+        lines = [
+            head,
+            f"{'layer':<7}" + "  ".join(f"{'top ' + str(i + 1):<20}" for i in range(probs.shape[-1])),
+        ]
         if answer is not None:
             answer_id = int(self._token_ids(answer)[prompt])
             p_answer, r_answer = (x[:, 0, 0] for x in self._answer(answer_id, prompt, position))
@@ -230,8 +233,15 @@ class LensResult:
             for r in range(rows):
                 for c in range(cols):
                     text = self._text(int(ids[r, c])).replace("\n", "\\n")[:8]
-                    ax.text(c, r, text, ha="center", va="center", fontsize=6,
-                            color="white" if float(colour[r, c]) > 0.5 else "black")
+                    ax.text(
+                        c,
+                        r,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if float(colour[r, c]) > 0.5 else "black",
+                    )
         labels = [repr(self.batch.str_tokens[prompt][int(p)]) for p in self.positions[prompt]]
         step = max(1, cols // _MAX_TEXT_COLUMNS)
         ax.set_xticks(range(0, cols, step))
@@ -240,7 +250,9 @@ class LensResult:
         ax.set_yticklabels(self.layer_labels, fontsize=6)
         ax.set_xlabel("position")
         ax.set_ylabel("residual stream after")
-        what = "P(top token)" if answer is None else f"P({self._text(int(self._token_ids(answer)[prompt]))!r})"
+        what = (
+            "P(top token)" if answer is None else f"P({self._text(int(self._token_ids(answer)[prompt]))!r})"
+        )
         ax.set_title(title or f"logit lens: {what}, top token in each cell")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
@@ -257,7 +269,9 @@ def _single_token(tokenizer: Any, text: str) -> int:
     return int(ids[0])
 
 
-def readout(model: Any, resid: Float[Tensor, "... d_model"], normalize: bool = True) -> Float[Tensor, "... d_vocab"]:
+def readout(
+    model: Any, resid: Float[Tensor, "... d_model"], normalize: bool = True
+) -> Float[Tensor, "... d_vocab"]:
     """Logits of residual stream states, by every transformation the model applies after its last block:
     the final norm (``model.ln_final``; skipped with ``normalize=False``), the unembedding, and final logit
     soft-capping (``cap * tanh(logits / cap)``, Gemma-2's ``final_logit_softcapping``, when
@@ -292,18 +306,30 @@ def logit_lens(
     """
     n = int(model.cfg.n_layers)
     ctx = RepresentationContext(
-        prompts, layers="all", positions=positions,
-        hooks=("resid_pre", f"blocks.{n - 1}.hook_resid_post"), prepend_bos=prepend_bos,
+        prompts,
+        layers="all",
+        positions=positions,
+        hooks=("resid_pre", f"blocks.{n - 1}.hook_resid_post"),
+        prepend_bos=prepend_bos,
     )
     manager = StateManager()
     out = ModelWrapper(model).run(ctx, manager, return_logits=False)
-    rows = [out.saved[f"blocks.{l}.hook_resid_pre"] for l in range(n)] + [out.saved[f"blocks.{n - 1}.hook_resid_post"]]
+    rows = [out.saved[f"blocks.{l}.hook_resid_pre"] for l in range(n)] + [
+        out.saved[f"blocks.{n - 1}.hook_resid_post"]
+    ]
     b, k = rows[0].shape[0], rows[0].shape[1]
     held = manager.entry("blocks.0.hook_resid_pre").positions
     positions_t = torch.arange(k).expand(b, k) if held is None else held.cpu()
     labels = ["embed"] + [f"L{l}" for l in range(n)]
-    return LensResult(torch.stack(rows).detach(), positions_t, out.batch, labels, model,
-                      getattr(model, "tokenizer", None), positive_int(memory_budget, "memory_budget"))
+    return LensResult(
+        torch.stack(rows).detach(),
+        positions_t,
+        out.batch,
+        labels,
+        model,
+        getattr(model, "tokenizer", None),
+        positive_int(memory_budget, "memory_budget"),
+    )
 
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "LensResult", "logit_lens", "readout"]

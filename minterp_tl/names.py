@@ -39,7 +39,13 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities import get_act_name
 
 __all__ = [
-    "KINDS", "NameSpec", "canonical_names", "expand_name", "resolve_name", "resolve_names", "short_name",
+    "KINDS",
+    "NameSpec",
+    "canonical_names",
+    "expand_name",
+    "resolve_name",
+    "resolve_names",
+    "short_name",
 ]
 
 NameSpec = Union[str, tuple]
@@ -52,17 +58,47 @@ _BRIDGE_SUFFIXES: tuple[str, ...] = (".hook_in", ".hook_out")
 
 # Hook names (relative to ``blocks.{l}.``) that HookedTransformer models may have: a name built from
 # these that the model lacks "does not exist on this model" rather than being a typo.
-_STANDARD_BLOCK_HOOKS: frozenset[str] = frozenset({
-    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_in", "hook_q_input", "hook_k_input",
-    "hook_v_input", "hook_mlp_in", "hook_attn_out", "hook_mlp_out", "attn.hook_q", "attn.hook_k",
-    "attn.hook_v", "attn.hook_z", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_result",
-    "attn.hook_rot_q", "attn.hook_rot_k", "mlp.hook_pre", "mlp.hook_mid", "mlp.hook_post",
-    "mlp.hook_pre_linear", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
-})
-_STANDARD_GLOBAL_HOOKS: frozenset[str] = frozenset({
-    "hook_tokens", "hook_embed", "hook_pos_embed", "hook_unembed", "ln_final.hook_scale",
-    "ln_final.hook_normalized",
-})
+_STANDARD_BLOCK_HOOKS: frozenset[str] = frozenset(
+    {
+        "hook_resid_pre",
+        "hook_resid_mid",
+        "hook_resid_post",
+        "hook_attn_in",
+        "hook_q_input",
+        "hook_k_input",
+        "hook_v_input",
+        "hook_mlp_in",
+        "hook_attn_out",
+        "hook_mlp_out",
+        "attn.hook_q",
+        "attn.hook_k",
+        "attn.hook_v",
+        "attn.hook_z",
+        "attn.hook_attn_scores",
+        "attn.hook_pattern",
+        "attn.hook_result",
+        "attn.hook_rot_q",
+        "attn.hook_rot_k",
+        "mlp.hook_pre",
+        "mlp.hook_mid",
+        "mlp.hook_post",
+        "mlp.hook_pre_linear",
+        "ln1.hook_scale",
+        "ln1.hook_normalized",
+        "ln2.hook_scale",
+        "ln2.hook_normalized",
+    }
+)
+_STANDARD_GLOBAL_HOOKS: frozenset[str] = frozenset(
+    {
+        "hook_tokens",
+        "hook_embed",
+        "hook_pos_embed",
+        "hook_unembed",
+        "ln_final.hook_scale",
+        "ln_final.hook_normalized",
+    }
+)
 # Bridge module hooks, which exist on some architectures only (``mlp.hook_out`` on an MLP model, ...).
 _STANDARD_BRIDGE_BLOCK_HOOK = re.compile(r"(?:(?:attn|mlp|ln1|ln2)(?:\.\w+)?\.)?hook_(?:in|out)")
 _STANDARD_BRIDGE_GLOBAL_HOOK = re.compile(r"(?:embed|pos_embed|ln_final|unembed)\.hook_(?:in|out)")
@@ -81,13 +117,26 @@ _NNTERP_GLOBAL = re.compile(r"(?:model\.)?(embed_tokens|ln_final|norm|lm_head)(?
 
 # get_act_name's aliases of short names: offered as suggestions when their target exists.
 _ACT_NAME_ALIASES: dict[str, str] = {
-    "attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v", "mlp_pre": "pre",
-    "mlp_mid": "mid", "mlp_post": "post",
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_mid": "mid",
+    "mlp_post": "post",
 }
 _GLOBAL_WORDS: tuple[str, ...] = ("embed", "lm_head", "logits", "embed_tokens", "ln_final", "norm")
 # nnterp spellings of one layer, "layers.{l}" + suffix: offered as suggestions.
 _NNTERP_SUFFIXES: tuple[str, ...] = (
-    "", ".input", ".output", ".self_attn", ".self_attn.input", ".self_attn.output", ".mlp", ".mlp.input",
+    "",
+    ".input",
+    ".output",
+    ".self_attn",
+    ".self_attn.input",
+    ".self_attn.output",
+    ".mlp",
+    ".mlp.input",
     ".mlp.output",
 )
 
@@ -271,7 +320,7 @@ class _HookIndex:
     vocabulary: tuple[str, ...]
 
 
-_INDEX_CACHE: "weakref.WeakKeyDictionary[TransformerBridge, _HookIndex]" = weakref.WeakKeyDictionary()
+_INDEX_CACHE: weakref.WeakKeyDictionary[TransformerBridge, _HookIndex] = weakref.WeakKeyDictionary()
 
 
 def _index(model: TransformerBridge) -> _HookIndex:
@@ -337,7 +386,11 @@ def _kind(canonical: str) -> str:
     if relative == "hook_unembed":
         return "unembed"
     if relative.startswith("attn.") or relative in (
-        "hook_attn_in", "hook_attn_out", "hook_q_input", "hook_k_input", "hook_v_input"
+        "hook_attn_in",
+        "hook_attn_out",
+        "hook_q_input",
+        "hook_k_input",
+        "hook_v_input",
     ):
         return "attn"
     if relative.startswith("mlp.") or relative in ("hook_mlp_in", "hook_mlp_out"):
@@ -426,7 +479,7 @@ def _resolve(
     block = _BLOCK_NAME.fullmatch(name)
     if block is not None:
         _no_second_layer(name, layer)
-        l = _check_layer(index, name, int(block.group(1)))
+        l: Optional[int] = _check_layer(index, name, int(block.group(1)))
         return _lookup(index, name, f"blocks.{l}.{block.group(2)}", None, suggest)
 
     # 2-3. minterp and nnterp styles.
@@ -476,8 +529,8 @@ def _minterp_or_nnterp(index: _HookIndex, name: str, layer: Optional[int]) -> Op
         module = "attn" if module == "self_attn" else module
         return f"blocks.{l}.{module}.hook_{'in' if port == 'input' else 'out'}"
 
-    word = _NNTERP_GLOBAL.fullmatch(name)
-    word = word.group(1) if word is not None else name
+    match = _NNTERP_GLOBAL.fullmatch(name)
+    word = match.group(1) if match is not None else name
     if word in ("embed", "embed_tokens", "lm_head", "logits", "ln_final", "norm") and layer is not None:
         raise ValueError(f"Hook {name!r} is not per-layer, so it takes no layer (got layer={layer}).")
     if word in ("embed", "embed_tokens"):

@@ -96,8 +96,8 @@ def contributions(
 
 
 def threshold_and_renormalize(
-    c_blocks: Float[Tensor, "rep *parts"], c_resid: Float[Tensor, "rep"], threshold: float
-) -> tuple[Float[Tensor, "rep *parts"], Float[Tensor, "rep"]]:
+    c_blocks: Float[Tensor, rep * parts], c_resid: Float[Tensor, rep], threshold: float
+) -> tuple[Float[Tensor, rep * parts], Float[Tensor, rep]]:
     """Zero every share ``<= threshold`` and divide the rest of each representation's shares by their sum.
 
     Args:
@@ -124,7 +124,7 @@ def attention_contributions(
     *,
     n_tokens: Optional[int] = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[Float[Tensor, "target source head"], Float[Tensor, "target"]]:
+) -> tuple[Float[Tensor, "target source head"], Float[Tensor, target]]:
     """Shares of the attention block of ``layer``: each ``(source, head)`` and the residual, per target.
 
     Args:
@@ -153,7 +153,10 @@ def attention_contributions(
         dist = parts.sub_(whole[start:stop, None, None, :]).abs_().sum(-1)  # [tc, stop, head]
         del parts
         c = (whole_l1[start:stop, None, None] - dist).clamp_min_(MIN_CONTRIBUTION)
-        causal = torch.arange(stop, device=c.device)[None, :] <= torch.arange(start, stop, device=c.device)[:, None]
+        causal = (
+            torch.arange(stop, device=c.device)[None, :]
+            <= torch.arange(start, stop, device=c.device)[:, None]
+        )
         c_attn[start:stop, :stop] = c * causal[..., None]
     denom = c_attn.sum((1, 2)) + c_resid
     return c_attn / denom[:, None, None], c_resid / denom
@@ -162,7 +165,7 @@ def attention_contributions(
 @torch.no_grad()
 def ffn_contributions(
     llm: TransparentLlm, batch_i: int, layer: int, *, n_tokens: Optional[int] = None
-) -> tuple[Float[Tensor, "target"], Float[Tensor, "target"]]:
+) -> tuple[Float[Tensor, target], Float[Tensor, target]]:
     """Shares of the FFN block of ``layer``: ``(c_ffn [target], c_resid [target])`` (parts
     ``[ffn_out, residual_after_attn]``, whole ``residual_out``), unthresholded."""
     n = _n_tokens(llm, batch_i, n_tokens)
@@ -223,14 +226,23 @@ def build_graph(
     n_layers = info.n_layers
     tokens = llm.tokens_to_strings(llm.tokens()[batch_i, :n])
     graph = nx.DiGraph(
-        n_layers=n_layers, n_tokens=n, n_heads=info.n_heads, tokens=tokens, threshold=float(threshold), batch_i=batch_i
+        n_layers=n_layers,
+        n_tokens=n,
+        n_heads=info.n_heads,
+        tokens=tokens,
+        threshold=float(threshold),
+        batch_i=batch_i,
     )
     graph.add_nodes_from((f"X0_{t}", {"kind": "X", "layer": -1, "token": t}) for t in range(n))
     for layer in range(n_layers):
         for kind in ("A", "M", "I"):
-            graph.add_nodes_from((f"{kind}{layer}_{t}", {"kind": kind, "layer": layer, "token": t}) for t in range(n))
+            graph.add_nodes_from(
+                (f"{kind}{layer}_{t}", {"kind": kind, "layer": layer, "token": t}) for t in range(n)
+            )
     for layer in tqdm(range(n_layers), desc="routes", disable=not progress):
-        c_attn, c_resid = attention_contributions(llm, batch_i, layer, n_tokens=n, chunk_elements=chunk_elements)
+        c_attn, c_resid = attention_contributions(
+            llm, batch_i, layer, n_tokens=n, chunk_elements=chunk_elements
+        )
         c_attn, c_resid = threshold_and_renormalize(c_attn, c_resid, threshold)
         edge_w = c_attn.sum(-1)  # [target, source]
         targets, sources = torch.nonzero(edge_w > 0, as_tuple=True)
@@ -238,12 +250,24 @@ def build_graph(
         heads = c_attn[targets, sources].tolist()
         resid = c_resid.tolist()
         graph.add_edges_from(
-            (_block_input(layer, s), f"A{layer}_{t}", {"weight": w + (resid[t] if s == t else 0.0), "attn": w,
-                                                       "resid": resid[t] if s == t else 0.0, "heads": h})
+            (
+                _block_input(layer, s),
+                f"A{layer}_{t}",
+                {
+                    "weight": w + (resid[t] if s == t else 0.0),
+                    "attn": w,
+                    "resid": resid[t] if s == t else 0.0,
+                    "heads": h,
+                },
+            )
             for t, s, w, h in zip(targets.tolist(), sources.tolist(), weights, heads)
         )
         graph.add_edges_from(
-            (_block_input(layer, t), f"A{layer}_{t}", {"weight": r, "attn": 0.0, "resid": r, "heads": [0.0] * info.n_heads})
+            (
+                _block_input(layer, t),
+                f"A{layer}_{t}",
+                {"weight": r, "attn": 0.0, "resid": r, "heads": [0.0] * info.n_heads},
+            )
             for t, r in enumerate(resid)
             if r > 0 and not graph.has_edge(_block_input(layer, t), f"A{layer}_{t}")
         )
@@ -252,7 +276,9 @@ def build_graph(
         parallel = llm.parallel_blocks()
         for t, (f, r) in enumerate(zip(c_ffn.tolist(), c_resid_ffn.tolist())):
             if f > 0:  # the FFN reads the attention's output, or (parallel block) the block's input
-                graph.add_edge(_block_input(layer, t) if parallel else f"A{layer}_{t}", f"M{layer}_{t}", weight=f)
+                graph.add_edge(
+                    _block_input(layer, t) if parallel else f"A{layer}_{t}", f"M{layer}_{t}", weight=f
+                )
                 graph.add_edge(f"M{layer}_{t}", f"I{layer}_{t}", weight=f)
             if r > 0:
                 graph.add_edge(f"A{layer}_{t}", f"I{layer}_{t}", weight=r)
@@ -311,7 +337,8 @@ class Route:
     nodes: tuple[str, ...]
 
     def describe(self, tokens: Optional[list[str]] = None) -> str:
-        """One line with the hops only, e.g. ``"0.0448  ' France'@4 -> ffn L0 -> attn L23 -> ' is'@5 -> I29_5"``:
+        """One line with the hops only, e.g.
+        ``"0.0448  ' France'@4 -> ffn L0 -> attn L23 -> ' is'@5 -> I29_5"``:
         the source token, every FFN the path goes through, every attention move to another token
         (``attn L{l}``), and the output node; residual steps are left out."""
 
@@ -328,7 +355,9 @@ class Route:
         return f"{self.weight:.4f}  {' -> '.join(hops + [self.nodes[-1]])}"
 
 
-def strongest_paths(graph: nx.DiGraph, token: int = -1, k: int = 5, threshold: Optional[float] = None) -> list[Route]:
+def strongest_paths(
+    graph: nx.DiGraph, token: int = -1, k: int = 5, threshold: Optional[float] = None
+) -> list[Route]:
     """The ``k`` input-to-prediction paths with the largest product of edge weights.
 
     Only edges with weight ``> threshold`` (default: the graph's ``tau``) are used. Exact k-best
@@ -426,8 +455,8 @@ def plot_routes(
     Edge width is proportional to the weight; attention edges are blue, FFN edges orange,
     residual edges grey.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no figure manager
     from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no figure manager
 
     tau = float(graph.graph["threshold"] if threshold is None else threshold)
     shown = graph if token is None else paths_to_prediction(graph, token, tau)
@@ -439,13 +468,19 @@ def plot_routes(
         if d["weight"] <= tau:
             continue
         ku, kv = shown.nodes[u]["kind"], shown.nodes[v]["kind"]
-        group = "ffn" if "M" in (ku, kv) else ("attn" if kv == "A" and d.get("attn", 0.0) > d.get("resid", 0.0) else "resid")
+        group = (
+            "ffn"
+            if "M" in (ku, kv)
+            else ("attn" if kv == "A" and d.get("attn", 0.0) > d.get("resid", 0.0) else "resid")
+        )
         groups[group][0].append([_xy(shown, u), _xy(shown, v)])
         groups[group][1].append(0.5 + 6.0 * d["weight"])
     colours = {"attn": "tab:blue", "ffn": "tab:orange", "resid": "0.55"}
     for group, (segments, widths) in groups.items():
         if segments:
-            ax.add_collection(LineCollection(segments, linewidths=widths, colors=colours[group], alpha=0.75, label=group))
+            ax.add_collection(
+                LineCollection(segments, linewidths=widths, colors=colours[group], alpha=0.75, label=group)
+            )
     xy = [_xy(shown, node) for node in shown.nodes]
     if xy:
         ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=8, color="black", zorder=3)
@@ -473,7 +508,12 @@ def plot_routes(
 
 
 def _check_threshold(threshold: float) -> None:
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold < 1.0 or math.isnan(threshold):
+    if (
+        not isinstance(threshold, (int, float))
+        or isinstance(threshold, bool)
+        or not 0.0 <= threshold < 1.0
+        or math.isnan(threshold)
+    ):
         raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}")
 
 

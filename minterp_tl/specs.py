@@ -60,7 +60,14 @@ from minterp_tl._spec_tokens import (
 __all__ = ["NAMED_RANGES", "SpecLike", "Token", "check_spec", "resolve", "resolve_positions"]
 
 NAMED_RANGES: tuple[str, ...] = (
-    "all", "first", "last", "first_half", "second_half", "first_third", "middle_third", "last_third",
+    "all",
+    "first",
+    "last",
+    "first_half",
+    "second_half",
+    "first_third",
+    "middle_third",
+    "last_third",
 )
 """The named ranges a spec string may use as an item: ``all`` = ``[:]``, ``first`` = ``[:1]``, ``last`` =
 ``[n-1:]``, ``first_half`` = ``[:n//2]``, ``second_half`` = ``[n//2:]``, ``first_third`` = ``[:n//3]``,
@@ -385,7 +392,10 @@ def _valid_forms(context: _Context) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 _OPERATORS: dict[type[ast.operator], Callable[[int, int], int]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
     ast.Mod: operator.mod,
 }
 _REFUSED_OPERATORS: dict[type[ast.operator], str] = {
@@ -395,8 +405,9 @@ _REFUSED_OPERATORS: dict[type[ast.operator], str] = {
 _NUMBER = re.compile(r"(?<![\w.])[0-9][\w.]*")  # a literal and what sticks to it ("1.5", "0x10", "2n")
 _LEADING_ZEROS = re.compile(r"(?<![\w.])0+(?=[0-9])")  # "007" is 7 (Python's parser refuses it)
 _CHARACTER_PROBLEMS: dict[str, str] = {  # what ast.parse would hide (comments) or explain less well
-    **dict.fromkeys("[]{}", "is not allowed: write a list as comma-separated items ('0, 5, -1') or pass a "
-                            "Python list"),
+    **dict.fromkeys(
+        "[]{}", "is not allowed: write a list as comma-separated items ('0, 5, -1') or pass a Python list"
+    ),
     **dict.fromkeys("'\"", "(a quote) is not allowed inside a spec string"),
     ".": "is not allowed (no floats, no attributes)",
     "#": "is not allowed",

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from jaxtyping import Int
@@ -225,17 +225,23 @@ class StateConfig:
     model used.
     """
 
-    save: tuple[SaveRule, ...] = ()
-    load: tuple[LoadRule, ...] = ()
+    save: Union[bool, str, SaveRule, Sequence[Union[str, SaveRule]]] = ()  # a tuple of SaveRule once built
+    load: Union[bool, str, LoadRule, Sequence[Union[str, LoadRule]]] = ()  # a tuple of LoadRule once built
     drop: tuple[str, ...] = ()
     interventions: tuple[Intervention, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "save", _rules(self.save, SaveRule, "save"))
         object.__setattr__(self, "load", _rules(self.load, LoadRule, "load"))
-        items = (self.interventions,) if isinstance(self.interventions, Intervention) else tuple(self.interventions)
+        items = (
+            (self.interventions,)
+            if isinstance(self.interventions, Intervention)
+            else tuple(self.interventions)
+        )
         if not all(isinstance(i, Intervention) for i in items):
-            raise ValueError(f"StateConfig interventions must be Intervention records, got {self.interventions!r}.")
+            raise ValueError(
+                f"StateConfig interventions must be Intervention records, got {self.interventions!r}."
+            )
         object.__setattr__(self, "interventions", items)
         drop = (self.drop,) if isinstance(self.drop, str) else tuple(self.drop)
         if not all(isinstance(d, str) for d in drop):
@@ -451,8 +457,7 @@ class StateManager:
 
     def __repr__(self) -> str:
         return (
-            f"StateManager({len(self)} states, {self.nbytes / 2**20:.2f} MiB, "
-            f"phases={sorted(self.configs)})"
+            f"StateManager({len(self)} states, {self.nbytes / 2**20:.2f} MiB, phases={sorted(self.configs)})"
         )
 
     # ---- TransformerLens interop ---------------------------------------------------------------
@@ -487,7 +492,16 @@ class StateManager:
             old = meta.get(name)
             if old is not None and old.tensor is tensor:
                 self.set(
-                    SavedState(tensor, name, tag, old.positions, old.heads, old.pos_axis, old.head_axis, old.str_tokens)
+                    SavedState(
+                        tensor,
+                        name,
+                        tag,
+                        old.positions,
+                        old.heads,
+                        old.pos_axis,
+                        old.head_axis,
+                        old.str_tokens,
+                    )
                 )
             else:
                 pos_axis, head_axis = _hooks.hook_layout(name, tensor.ndim)
@@ -495,7 +509,7 @@ class StateManager:
 
     # ---- on disk (minterp_tl.store) -------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> SaveReport:
-        """Deprecated spelling of :meth:`write` (``save`` / ``load`` name what a phase keeps and puts back)."""
+        """Deprecated spelling of :meth:`write` (save / load name what a phase keeps and puts back)."""
         _deprecated.warn("StateManager.save(path)", "StateManager.write(path)")
         return self.write(path)
 
@@ -551,13 +565,21 @@ def _concat(old: SavedState, new: SavedState) -> SavedState:
         )
     if old.heads != new.heads or (old.positions is None) != (new.positions is None):
         raise ValueError(f"Cannot concatenate state {key!r}: the held and new selections differ.")
-    positions = None if new.positions is None else torch.cat([old.positions, new.positions])
+    positions = None
+    if old.positions is not None and new.positions is not None:
+        positions = torch.cat([old.positions, new.positions])
     tokens = None
     if old.str_tokens is not None and new.str_tokens is not None:
         tokens = old.str_tokens + new.str_tokens
     return SavedState(
-        torch.cat([old.tensor, new.tensor]), new.name, new.tag, positions, new.heads,
-        new.pos_axis, new.head_axis, tokens,
+        torch.cat([old.tensor, new.tensor]),
+        new.name,
+        new.tag,
+        positions,
+        new.heads,
+        new.pos_axis,
+        new.head_axis,
+        tokens,
     )
 
 
@@ -576,8 +598,11 @@ __all__ = [
     "format_key",
 ]
 
-__getattr__ = _deprecated.module_getattr("minterp_tl.state", {
-    "hook_layout": ("minterp_tl.hooks.hook_layout", lambda: _hooks.hook_layout),
-    "gather": ("minterp_tl.hooks.gather", lambda: _hooks.gather),
-    "scatter": ("minterp_tl.hooks.scatter", lambda: _hooks.scatter),
-})
+__getattr__ = _deprecated.module_getattr(
+    "minterp_tl.state",
+    {
+        "hook_layout": ("minterp_tl.hooks.hook_layout", lambda: _hooks.hook_layout),
+        "gather": ("minterp_tl.hooks.gather", lambda: _hooks.gather),
+        "scatter": ("minterp_tl.hooks.scatter", lambda: _hooks.scatter),
+    },
+)

@@ -1,4 +1,4 @@
-"""TransparentLlm: the LLM Transparency Tool's model interface, on TransformerLens 4, with exact decompositions.
+"""TransparentLlm: the LLM Transparency Tool's model interface on TransformerLens 4, exact decompositions.
 
 :class:`TransparentLlm` is the tool's abstract, stateful interface (same method names and meanings):
 ``run`` a batch of sentences once, then ask what any layer read, wrote and where it came from --
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from typing import Any, List, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -76,7 +76,7 @@ class TransparentLlm(ABC):
         """General info about the model; available before any call of :meth:`run`."""
 
     @abstractmethod
-    def run(self, sentences: List[str]) -> None:
+    def run(self, sentences: list[str]) -> None:
         """Run the model on ``sentences`` in a single batch and keep what the accessors need."""
 
     @abstractmethod
@@ -88,7 +88,7 @@ class TransparentLlm(ABC):
         """The token ids of the last run (padded on the right to the longest sentence)."""
 
     @abstractmethod
-    def tokens_to_strings(self, tokens: Int[Tensor, "pos"]) -> List[str]:
+    def tokens_to_strings(self, tokens: Int[Tensor, pos]) -> list[str]:
         """Each token id as its text."""
 
     @abstractmethod
@@ -96,7 +96,7 @@ class TransparentLlm(ABC):
         """The model's logits of the last run."""
 
     @abstractmethod
-    def unembed(self, t: Float[Tensor, "d_model"], normalize: bool) -> Float[Tensor, "vocab"]:
+    def unembed(self, t: Float[Tensor, d_model], normalize: bool) -> Float[Tensor, vocab]:
         """Project a vector (e.g. one residual stream state) into the vocabulary.
 
         Args:
@@ -135,12 +135,12 @@ class TransparentLlm(ABC):
         """The vector each neuron adds to the residual stream: its activation times its output vector."""
 
     @abstractmethod
-    def neuron_activations(self, batch_i: int, layer: int, pos: int) -> Float[Tensor, "d_ffn"]:
+    def neuron_activations(self, batch_i: int, layer: int, pos: int) -> Float[Tensor, d_ffn]:
         """The FFN's hidden layer right after the activation function (for gated MLPs: times the up
         projection), i.e. the input of the output projection."""
 
     @abstractmethod
-    def neuron_output(self, layer: int, neuron: int) -> Float[Tensor, "d_model"]:
+    def neuron_output(self, layer: int, neuron: int) -> Float[Tensor, d_model]:
         """The vector the neuron adds to the residual stream per unit of activation (a row of
         ``W_out``; no activation involved)."""
 
@@ -151,7 +151,7 @@ class TransparentLlm(ABC):
         """The (lower-triangular) attention pattern of one head."""
 
     @abstractmethod
-    def attention_output(self, batch_i: int, layer: int, pos: int, head: int) -> Float[Tensor, "d_model"]:
+    def attention_output(self, batch_i: int, layer: int, pos: int, head: int) -> Float[Tensor, d_model]:
         """What one head adds to the residual stream at ``pos`` (without the output bias, which
         belongs to no head)."""
 
@@ -193,9 +193,13 @@ class TransformerLensTransparentLlm(TransparentLlm):
     (see :meth:`n_tokens`) hold padding and mean nothing.
     """
 
-    def __init__(self, model: TransformerBridge, *, name: Optional[str] = None, prepend_bos: Optional[bool] = None) -> None:
+    def __init__(
+        self, model: TransformerBridge, *, name: Optional[str] = None, prepend_bos: Optional[bool] = None
+    ) -> None:
         if not isinstance(model, TransformerBridge):
-            raise ValueError(f"TransformerLensTransparentLlm needs a TransformerBridge, got {type(model).__name__}.")
+            raise ValueError(
+                f"TransformerLensTransparentLlm needs a TransformerBridge, got {type(model).__name__}."
+            )
         self.model = model
         self._wrapper = ModelWrapper(model)
         self._info = model_info(model, name)
@@ -208,8 +212,10 @@ class TransformerLensTransparentLlm(TransparentLlm):
         # Parallel blocks (GPT-NeoX, GPT-J, Phi-2): attention and MLP both read the block input.
         self._parallel = self._has_mlp and bool(getattr(cfg, "parallel_attn_mlp", False))
         # Post-norms (Gemma-2/3, OLMo-2): hook_attn_out / hook_mlp_out are taken after them.
-        self._post = {kind: f"blocks.0.{ln}.hook_scale" in model.hook_dict
-                      for kind, ln in (("attn", "ln1_post"), ("mlp", "ln2_post"))}
+        self._post = {
+            kind: f"blocks.0.{ln}.hook_scale" in model.hook_dict
+            for kind, ln in (("attn", "ln1_post"), ("mlp", "ln2_post"))
+        }
         self._batch: Optional[Batch] = None
         self._logits: Optional[Tensor] = None
         self._saved: dict[str, Tensor] = {}
@@ -219,7 +225,7 @@ class TransformerLensTransparentLlm(TransparentLlm):
     def model_info(self) -> ModelInfo:
         return self._info
 
-    def run(self, sentences: Union[List[str], Prompts]) -> None:
+    def run(self, sentences: Union[list[str], Prompts]) -> None:
         """Run one forward pass on ``sentences`` and keep the states the accessors need.
 
         Args:
@@ -231,9 +237,15 @@ class TransformerLensTransparentLlm(TransparentLlm):
         states = ["resid_pre", "resid_post", "attn_out", "v", "pattern"]
         if self._has_mlp:
             states += ["mlp_out", "mlp_post"] + ([] if self._parallel else ["resid_mid"])
-        states += [f"{ln}.hook_scale" for kind, ln in (("attn", "ln1_post"), ("mlp", "ln2_post")) if self._post[kind]]
-        config = StateConfig(save=tuple(SaveRule(hook=s, layers="all", positions="all", heads="all") for s in states))
-        context = RepresentationContext(sentences, layers="all", positions="all", heads="all", prepend_bos=self._prepend_bos)
+        states += [
+            f"{ln}.hook_scale" for kind, ln in (("attn", "ln1_post"), ("mlp", "ln2_post")) if self._post[kind]
+        ]
+        config = StateConfig(
+            save=tuple(SaveRule(hook=s, layers="all", positions="all", heads="all") for s in states)
+        )
+        context = RepresentationContext(
+            sentences, layers="all", positions="all", heads="all", prepend_bos=self._prepend_bos
+        )
         out = self._wrapper.run(context, StateManager({"transparent": config}), phase="transparent")
         self._batch, self._logits, self._saved = out.batch, out.logits, dict(out.saved)
         self._vo_cache = None
@@ -248,7 +260,7 @@ class TransformerLensTransparentLlm(TransparentLlm):
     def tokens(self) -> Int[Tensor, "batch pos"]:
         return self._state().tokens
 
-    def tokens_to_strings(self, tokens: Int[Tensor, "pos"]) -> List[str]:
+    def tokens_to_strings(self, tokens: Int[Tensor, pos]) -> list[str]:
         ids = [int(t) for t in torch.as_tensor(tokens).reshape(-1)]
         if self.model.tokenizer is None:
             return [str(i) for i in ids]
@@ -260,10 +272,12 @@ class TransformerLensTransparentLlm(TransparentLlm):
         return self._logits
 
     @torch.no_grad()
-    def unembed(self, t: Float[Tensor, "d_model"], normalize: bool) -> Float[Tensor, "vocab"]:
+    def unembed(self, t: Float[Tensor, d_model], normalize: bool) -> Float[Tensor, vocab]:
         t = torch.as_tensor(t)
         if t.shape != (self._info.d_model,):
-            raise ValueError(f"unembed: t must be a [d_model] = [{self._info.d_model}] vector, got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"unembed: t must be a [d_model] = [{self._info.d_model}] vector, got shape {tuple(t.shape)}"
+            )
         x = t.reshape(1, 1, -1).to(self.model.cfg.device, self.model.cfg.dtype)
         return readout(self.model, x, normalize=normalize)[0, 0]
 
@@ -297,7 +311,7 @@ class TransformerLensTransparentLlm(TransparentLlm):
             return torch.zeros_like(self.residual_out(layer))
         return self._get("blocks.{}.hook_mlp_out", layer)
 
-    def ffn_output_bias(self, layer: int) -> Float[Tensor, "d_model"]:
+    def ffn_output_bias(self, layer: int) -> Float[Tensor, d_model]:
         """The FFN output projection's bias (zeros if it has none or there is no FFN): the part of
         :meth:`ffn_out` that no neuron writes."""
         layer = self._layer(layer)
@@ -313,13 +327,13 @@ class TransformerLensTransparentLlm(TransparentLlm):
         factor = self._post_factor("mlp", b, self._layer(layer))
         return parts if factor is None else parts * factor[p]
 
-    def neuron_activations(self, batch_i: int, layer: int, pos: int) -> Float[Tensor, "d_ffn"]:
+    def neuron_activations(self, batch_i: int, layer: int, pos: int) -> Float[Tensor, d_ffn]:
         self._need_mlp("neuron_activations")
         post = self._get("blocks.{}.mlp.hook_post", layer)
         b, p = self._bp(batch_i, pos)
         return post[b, p]
 
-    def neuron_output(self, layer: int, neuron: int) -> Float[Tensor, "d_model"]:
+    def neuron_output(self, layer: int, neuron: int) -> Float[Tensor, d_model]:
         self._need_mlp("neuron_output")
         w_out, _ = self._ffn_weights(self._layer(layer))
         return w_out[self._index(neuron, w_out.shape[0], "neuron")]
@@ -330,14 +344,14 @@ class TransformerLensTransparentLlm(TransparentLlm):
         b = self._index(batch_i, pattern.shape[0], "batch_i")
         return pattern[b, self._index(head, self._n_heads, "head")]
 
-    def attention_output_bias(self, layer: int) -> Float[Tensor, "d_model"]:
+    def attention_output_bias(self, layer: int) -> Float[Tensor, d_model]:
         """The attention output projection's bias ``b_O`` (zeros if none): the part of the attention
         output that no (source, head) writes."""
         layer = self._layer(layer)
         return self._no_bias_under_post_norm("attn", layer, self._attn_weights(layer)[1])
 
     @torch.no_grad()
-    def attention_output(self, batch_i: int, layer: int, pos: int, head: int) -> Float[Tensor, "d_model"]:
+    def attention_output(self, batch_i: int, layer: int, pos: int, head: int) -> Float[Tensor, d_model]:
         b, p = self._bp(batch_i, pos)
         h = self._index(head, self._n_heads, "head")
         layer = self._layer(layer)
@@ -359,7 +373,9 @@ class TransformerLensTransparentLlm(TransparentLlm):
     ) -> Float[Tensor, "target source head d_model"]:
         n = self._state().tokens.shape[1]
         if not 0 <= start < stop <= n:
-            raise ValueError(f"decomposed_attn_rows: need 0 <= start < stop <= {n} (positions), got {start}:{stop}")
+            raise ValueError(
+                f"decomposed_attn_rows: need 0 <= start < stop <= {n} (positions), got {start}:{stop}"
+            )
         b = self._index(batch_i, self.batch_size(), "batch_i")
         layer = self._layer(layer)
         pattern = self._get("blocks.{}.attn.hook_pattern", layer)[b, :, start:stop, :stop]  # [head, t, s]
@@ -369,7 +385,9 @@ class TransformerLensTransparentLlm(TransparentLlm):
         return parts if factor is None else parts * factor[start:stop, None, None, :]
 
     @torch.no_grad()
-    def value_outputs(self, batch_i: int, layer: int, n_sources: Optional[int] = None) -> Float[Tensor, "source head d_model"]:
+    def value_outputs(
+        self, batch_i: int, layer: int, n_sources: Optional[int] = None
+    ) -> Float[Tensor, "source head d_model"]:
         """``v[s, kv(h)] @ W_O[h]`` for every source position and query head: what head ``h`` would
         write if it attended only to ``s``. ``decomposed_attn[t, s, h] = pattern[h, t, s] * this[s, h]``
         (times the post-attention norm's factor of target ``t`` on models with one, see
@@ -382,7 +400,9 @@ class TransformerLensTransparentLlm(TransparentLlm):
         """
         return self._value_outputs(batch_i, layer, n_sources).clone()
 
-    def _value_outputs(self, batch_i: int, layer: int, n_sources: Optional[int] = None) -> Float[Tensor, "source head d_model"]:
+    def _value_outputs(
+        self, batch_i: int, layer: int, n_sources: Optional[int] = None
+    ) -> Float[Tensor, "source head d_model"]:
         b = self._index(batch_i, self.batch_size(), "batch_i")
         layer = self._layer(layer)
         key = (b, layer)
@@ -391,7 +411,9 @@ class TransformerLensTransparentLlm(TransparentLlm):
             # computes it once.
             v = self._get("blocks.{}.attn.hook_v", layer)[b]  # [s, kv, d_head]
             w_o, _ = self._attn_weights(layer)
-            w_o = w_o.reshape(self._n_kv, self._n_heads // self._n_kv, *w_o.shape[1:])  # [kv, group, d_head, d_model]
+            w_o = w_o.reshape(
+                self._n_kv, self._n_heads // self._n_kv, *w_o.shape[1:]
+            )  # [kv, group, d_head, d_model]
             vo = torch.einsum("skd,kgdm->skgm", v, w_o).reshape(v.shape[0], self._n_heads, -1)
             self._vo_cache = (key, vo)
         return self._vo_cache[1][:n_sources]
@@ -422,8 +444,10 @@ class TransformerLensTransparentLlm(TransparentLlm):
         ln_name = "ln1_post" if kind == "attn" else "ln2_post"
         ln: Any = getattr(self.model.blocks[layer], ln_name)
         if not getattr(ln, "uses_rms_norm", False):
-            raise ValueError(f"model {self._info.name!r}: blocks.{layer}.{ln_name} is a LayerNorm post-norm, which "
-                             "the decompositions do not support (RMSNorm post-norms are supported)")
+            raise ValueError(
+                f"model {self._info.name!r}: blocks.{layer}.{ln_name} is a LayerNorm post-norm, which "
+                "the decompositions do not support (RMSNorm post-norms are supported)"
+            )
         weight = ln.weight.detach()
         gain = 1.0 + weight if getattr(ln, "uses_weight_offset", False) else weight
         scale = self._get("blocks.{}." + ln_name + ".hook_scale", layer)[b]  # [pos, 1]
@@ -432,9 +456,11 @@ class TransformerLensTransparentLlm(TransparentLlm):
     def _no_bias_under_post_norm(self, kind: str, layer: int, bias: Tensor) -> Tensor:
         """An output bias is one vector only without a post-norm (with one it would be per token)."""
         if self._post[kind] and bool(bias.abs().max() > 0):
-            raise ValueError(f"model {self._info.name!r}: layer {layer}'s {kind} output bias passes through a "
-                             "post-norm, so it is a different vector at every token; decompositions of such "
-                             "models are not supported")
+            raise ValueError(
+                f"model {self._info.name!r}: layer {layer}'s {kind} output bias passes through a "
+                "post-norm, so it is a different vector at every token; decompositions of such "
+                "models are not supported"
+            )
         return bias
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -459,7 +485,9 @@ class TransformerLensTransparentLlm(TransparentLlm):
 
     def _bp(self, batch_i: int, pos: int) -> tuple[int, int]:
         batch = self._state()
-        return self._index(batch_i, len(batch.lengths), "batch_i"), self._index(pos, batch.tokens.shape[1], "pos")
+        return self._index(batch_i, len(batch.lengths), "batch_i"), self._index(
+            pos, batch.tokens.shape[1], "pos"
+        )
 
     def _kv(self, head: int) -> int:
         return head // (self._n_heads // self._n_kv)
@@ -472,11 +500,13 @@ class TransformerLensTransparentLlm(TransparentLlm):
         if not self._has_mlp:
             raise ValueError(f"{what}: model {self._info.name!r} is attention-only; it has no FFN neurons")
 
-    def _attn_weights(self, layer: int) -> tuple[Float[Tensor, "head d_head d_model"], Float[Tensor, "d_model"]]:
+    def _attn_weights(
+        self, layer: int
+    ) -> tuple[Float[Tensor, "head d_head d_model"], Float[Tensor, d_model]]:
         attn: Any = self.model.blocks[layer].attn
         return _weight_and_bias(attn.W_O, attn.b_O)
 
-    def _ffn_weights(self, layer: int) -> tuple[Float[Tensor, "d_mlp d_model"], Float[Tensor, "d_model"]]:
+    def _ffn_weights(self, layer: int) -> tuple[Float[Tensor, "d_mlp d_model"], Float[Tensor, d_model]]:
         mlp: Any = self.model.blocks[layer].mlp
         return _weight_and_bias(mlp.W_out, mlp.b_out)
 

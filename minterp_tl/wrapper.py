@@ -24,9 +24,9 @@ Numerics are the model's own (no LayerNorm folding): logits equal the underlying
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -153,9 +153,13 @@ class ModelWrapper:
                     "This model has no tokenizer, so its prompts must be token ids (a [batch, pos] "
                     f"tensor or lists of ids), not strings like {prompts[0]!r}."
                 )
-            rows = [text_tokens(model, p, "prompt", context.prepend_bos)[0].to(device) for p in prompts]
+            texts = [p for p in prompts if isinstance(p, str)]
+            rows = [text_tokens(model, p, "prompt", context.prepend_bos)[0].to(device) for p in texts]
         else:
-            rows = [token_ids(model, torch.tensor([p], dtype=torch.long), "prompt ids")[0].to(device) for p in prompts]
+            rows = [
+                token_ids(model, torch.tensor([p], dtype=torch.long), "prompt ids")[0].to(device)
+                for p in prompts
+            ]
         lengths = tuple(int(r.shape[0]) for r in rows)
         pad = 0
         if model.tokenizer is not None and model.tokenizer.pad_token_id is not None:
@@ -168,7 +172,7 @@ class ModelWrapper:
     def _str_tokens(self, ids: Tensor) -> tuple[str, ...]:
         if self.model.tokenizer is None:
             return tuple(str(int(t)) for t in ids)
-        return tuple(self.model.to_str_tokens(ids))
+        return tuple(str(t) for t in self.model.to_str_tokens(ids))
 
     # ---- running ------------------------------------------------------------------------------
     def run(
@@ -212,7 +216,9 @@ class ModelWrapper:
         captured: dict[tuple[str, str], SavedState] = {}
         fired: set[str] = set()
         layout = BatchLayout(batch.lengths, int(batch.tokens.shape[1]), "right", batch.str_tokens)
-        hooks = [(h, self._hook_fn(h, plan, layout, captured, fired)) for h in plan.hook_names]
+        hooks: list[tuple[Union[str, Callable], Callable]] = [
+            (h, self._hook_fn(h, plan, layout, captured, fired)) for h in plan.hook_names
+        ]
         with torch.no_grad():
             logits = self.model.run_with_hooks(
                 batch.tokens, fwd_hooks=hooks, return_type="logits" if return_logits else None
@@ -229,8 +235,16 @@ class ModelWrapper:
         for key, state in captured.items():
             concat = any(s.concat for ss in plan.saves.values() for s in ss if s.key == key)
             manager.set(
-                SavedState(state.tensor, state.name, state.tag, state.positions, state.heads,
-                           state.pos_axis, state.head_axis, str_tokens),
+                SavedState(
+                    state.tensor,
+                    state.name,
+                    state.tag,
+                    state.positions,
+                    state.heads,
+                    state.pos_axis,
+                    state.head_axis,
+                    str_tokens,
+                ),
                 concat=concat,
             )
             saved[format_key(*key)] = manager.get(key[1], tag=key[0])
@@ -253,16 +267,23 @@ class ModelWrapper:
             for save in saves:
                 captured[save.key] = SavedState(
                     gather(act, pos_axis, head_axis, save.positions, save.heads),
-                    save.name, save.key[0], save.positions, save.heads, pos_axis, head_axis,
+                    save.name,
+                    save.key[0],
+                    save.positions,
+                    save.heads,
+                    pos_axis,
+                    head_axis,
                 )
             return act
 
         return hook_fn
 
     # ---- planning -----------------------------------------------------------------------------
-    def _plan(self, context: RepresentationContext, config: StateConfig, manager: StateManager, batch: Batch) -> _Plan:
+    def _plan(
+        self, context: RepresentationContext, config: StateConfig, manager: StateManager, batch: Batch
+    ) -> _Plan:
         plan = _Plan()
-        for rule in config.save:
+        for rule in cast(tuple[SaveRule, ...], config.save):
             for state, layer, name in self._targets(rule, context):
                 positions = self._positions(_pick(rule.positions, context.positions), batch, name)
                 heads = self._heads(rule.heads, context.heads, name)
@@ -274,26 +295,29 @@ class ModelWrapper:
                     )
                 plan.saves.setdefault(name, []).append(_Save(name, key, positions, heads, rule.concat))
                 plan.layers.setdefault((rule.tag, state), []).append((layer, name))
-        for rule in config.load:
-            targets = self._targets(rule, context)
-            sources = self._sources(rule, context, targets)
-            for (state, layer, name), source in zip(targets, sources):
-                entry = manager.entry(source, tag=rule.tag)
-                positions = self._positions(_pick(rule.positions, context.positions), batch, name)
-                heads = self._heads(rule.heads, context.heads, name)
-                what = f"{format_key(rule.tag, source)} into {name}"
-                value = self._value(rule, entry, positions, heads, batch, what)
-                record = Intervention(name, rule.mode, value, positions=positions,
-                                      heads=None if heads is None else list(heads))
+        for load in cast(tuple[LoadRule, ...], config.load):
+            targets = self._targets(load, context)
+            sources = self._sources(load, context, targets)
+            for (_, _, name), source in zip(targets, sources):
+                entry = manager.entry(source, tag=load.tag)
+                positions = self._positions(_pick(load.positions, context.positions), batch, name)
+                heads = self._heads(load.heads, context.heads, name)
+                what = f"{format_key(load.tag, source)} into {name}"
+                value = self._value(load, entry, positions, heads, batch, what)
+                record = Intervention(
+                    name, load.mode, value, positions=positions, heads=None if heads is None else list(heads)
+                )
                 plan.loads.setdefault(name, []).append(Step(name, record, heads, value, what))
-                if rule.pop:
-                    plan.pops.append((rule.tag, source))
+                if load.pop:
+                    plan.pops.append((load.tag, source))
         for i, record in enumerate(config.interventions):
             for step in resolve_steps(self.model, record, what=f"intervention #{i}"):
                 plan.loads.setdefault(step.hook, []).append(step)
         return plan
 
-    def _targets(self, rule: Union[SaveRule, LoadRule], context: RepresentationContext) -> list[tuple[str, Optional[int], str]]:
+    def _targets(
+        self, rule: Union[SaveRule, LoadRule], context: RepresentationContext
+    ) -> list[tuple[str, Optional[int], str]]:
         """``(state as written, layer, canonical name)`` for every hook a rule touches."""
         states = (rule.hook,) if rule.hook is not None else context.hooks
         layers = resolve(_pick(rule.layers, context.layers), self.n_layers, what="layer")
@@ -329,7 +353,9 @@ class ModelWrapper:
         """``[batch, k]`` positions for ``spec``, or ``None`` for every position."""
         if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
             return None
-        per_prompt = resolve_positions(spec, batch.str_tokens, padding_side="right", padded_length=batch.tokens.shape[1])
+        per_prompt = resolve_positions(
+            spec, batch.str_tokens, padding_side="right", padded_length=batch.tokens.shape[1]
+        )
         counts = {len(p) for p in per_prompt}
         if len(counts) != 1:
             raise ValueError(
@@ -374,7 +400,11 @@ class ModelWrapper:
                     f"{n_saved} saved positions; pass source_positions= to say which saved positions to use."
                 )
             if value.shape[0] == positions.shape[0] or bool((positions == positions[:1]).all()):
-                pos = positions if value.shape[0] == positions.shape[0] else positions[:1].expand(value.shape[0], -1)
+                pos = (
+                    positions
+                    if value.shape[0] == positions.shape[0]
+                    else positions[:1].expand(value.shape[0], -1)
+                )
                 value = gather(value, entry.pos_axis, None, pos, None)
             else:
                 raise ValueError(
@@ -397,7 +427,9 @@ class ModelWrapper:
         if rule.transform is not None:
             value = rule.transform(value)
             if not isinstance(value, Tensor):
-                raise ValueError(f"LoadRule transform {rule.transform!r} returned {type(value).__name__}, not a tensor.")
+                raise ValueError(
+                    f"LoadRule transform {rule.transform!r} returned {type(value).__name__}, not a tensor."
+                )
         return value
 
     def _source_positions(self, spec: SpecLike, entry: SavedState, what: str) -> Tensor:
@@ -409,7 +441,11 @@ class ModelWrapper:
         wanted = resolve_positions(spec, entry.str_tokens, padding_side="right")
         rows = []
         for i, want in enumerate(wanted):
-            held = list(range(entry.tensor.shape[entry.pos_axis])) if entry.positions is None else entry.positions[i].tolist()
+            held = (
+                list(range(entry.tensor.shape[entry.pos_axis]))
+                if entry.positions is None
+                else entry.positions[i].tolist()
+            )
             missing = [p for p in want if p not in held]
             if missing:
                 raise ValueError(
@@ -418,7 +454,9 @@ class ModelWrapper:
                 )
             rows.append([held.index(p) for p in want])
         if len({len(r) for r in rows}) != 1:
-            raise ValueError(f"Cannot load {what}: source_positions={spec!r} selects different counts per prompt.")
+            raise ValueError(
+                f"Cannot load {what}: source_positions={spec!r} selects different counts per prompt."
+            )
         index = torch.tensor(rows, dtype=torch.long, device=entry.tensor.device)
         return gather(entry.tensor, entry.pos_axis, None, index, None)
 

@@ -62,18 +62,33 @@ def test_names_patching_and_lens(hf_model, family) -> None:
         metric = patching.logit_diff_metric(target, (target + 1) % model.cfg.d_vocab)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a fast-path start that is off says so
-            for fn in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos", "get_act_patch_mlp_out"):
+            for fn in (
+                "get_act_patch_resid_pre",
+                "get_act_patch_attn_head_out_by_pos",
+                "get_act_patch_mlp_out",
+            ):
                 ref = getattr(tl_patching, fn)(model, corrupted, cache, metric)
                 assert ref.abs().max() > 1e-4, fn
                 for max_batch in (batch, 64 * batch):
-                    ours = getattr(patching, fn)(model, corrupted, cache, metric, progress=False, max_batch=max_batch)
+                    ours = getattr(patching, fn)(
+                        model, corrupted, cache, metric, progress=False, max_batch=max_batch
+                    )
                     assert (ours - ref).abs().max() <= TOL, (fn, batch, max_batch)
-            ref = tl_patching.generic_activation_patch(model, corrupted, cache, metric, _also_before, "resid_pre",
-                                                       index_axis_names=("layer", "pos"))
+            ref = tl_patching.generic_activation_patch(
+                model, corrupted, cache, metric, _also_before, "resid_pre", index_axis_names=("layer", "pos")
+            )
             for max_batch in (batch, 64 * batch):
-                ours = patching.generic_activation_patch(model, corrupted, cache, metric, _also_before, "resid_pre",
-                                                         index_axis_names=("layer", "pos"), progress=False,
-                                                         max_batch=max_batch)
+                ours = patching.generic_activation_patch(
+                    model,
+                    corrupted,
+                    cache,
+                    metric,
+                    _also_before,
+                    "resid_pre",
+                    index_axis_names=("layer", "pos"),
+                    progress=False,
+                    max_batch=max_batch,
+                )
                 assert (ours - ref).abs().max() <= TOL, ("custom setter", batch, max_batch)
         lens = logit_lens(model, clean)
         assert _close(lens.logits[-1], clean_logits)
@@ -102,9 +117,15 @@ def test_transparent_llm_identities(hf_model, family) -> None:
         for pos in (0, 4):
             ffn = llm.decomposed_ffn_out(1, layer, pos).sum(0) + llm.ffn_output_bias(layer)
             assert _close(ffn, cache[f"blocks.{layer}.hook_mlp_out"][0, pos]), ("ffn", layer, pos)
-        resid_in, after_attn, out = (llm.residual_in(layer)[1, :5], llm.residual_after_attn(layer)[1, :5],
-                                     llm.residual_out(layer)[1, :5])
-        attn_out, mlp_out = cache[f"blocks.{layer}.hook_attn_out"][0], cache[f"blocks.{layer}.hook_mlp_out"][0]
+        resid_in, after_attn, out = (
+            llm.residual_in(layer)[1, :5],
+            llm.residual_after_attn(layer)[1, :5],
+            llm.residual_out(layer)[1, :5],
+        )
+        attn_out, mlp_out = (
+            cache[f"blocks.{layer}.hook_attn_out"][0],
+            cache[f"blocks.{layer}.hook_mlp_out"][0],
+        )
         assert _close(after_attn, resid_in + attn_out)
         assert _close(out, resid_in + attn_out + mlp_out)
     last = llm.residual_out(model.cfg.n_layers - 1)[1, 4]
@@ -135,8 +156,9 @@ def test_edits_and_experiment_equal_hand_written_hooks(hf_model, family) -> None
         return x + 2.0 * v
 
     with torch.no_grad():
-        by_hand = model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.attn.hook_z", zero_head),
-                                                             ("blocks.1.hook_resid_pre", add_v)])
+        by_hand = model.run_with_hooks(
+            corrupted, fwd_hooks=[("blocks.0.attn.hook_z", zero_head), ("blocks.1.hook_resid_pre", add_v)]
+        )
         edits = Edits(model)
         try:
             edits.ablate("head", "z", layers=0, heads=1)
@@ -148,8 +170,13 @@ def test_edits_and_experiment_equal_hand_written_hooks(hf_model, family) -> None
         assert not torch.allclose(by_hand, model(corrupted), atol=1e-4)
 
     ctx = RepresentationContext(clean, layers=1, positions=[3, -1], hooks=("resid_pre",))
-    res = Experiment(model, [Phase("clean", ctx, StateConfig(save=True)),
-                             Phase("patched", ctx.clone(prompts=corrupted), StateConfig(load=True))]).run()
+    res = Experiment(
+        model,
+        [
+            Phase("clean", ctx, StateConfig(save=True)),
+            Phase("patched", ctx.clone(prompts=corrupted), StateConfig(load=True)),
+        ],
+    ).run()
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=lambda n: n == "blocks.1.hook_resid_pre")
 

@@ -68,8 +68,20 @@ def _mask_pattern(shape, p, h):
 
 CASES = {
     "resid_pre": ("blocks.{}.hook_resid_pre", "all", None, _mask_resid, [(0, 1), (2, 3), (3, 5), (1, 3)]),
-    "z": ("blocks.{}.attn.hook_z", "all", "all", _mask_by_pos_head, [(1, 2, 3), (3, 5, 0), (0, 4, 1), (2, 3, 2)]),
-    "pattern": ("blocks.{}.attn.hook_pattern", "all", "all", _mask_pattern, [(1, 3, 2), (3, 5, 0), (2, 4, 3)]),
+    "z": (
+        "blocks.{}.attn.hook_z",
+        "all",
+        "all",
+        _mask_by_pos_head,
+        [(1, 2, 3), (3, 5, 0), (0, 4, 1), (2, 3, 2)],
+    ),
+    "pattern": (
+        "blocks.{}.attn.hook_pattern",
+        "all",
+        "all",
+        _mask_pattern,
+        [(1, 3, 2), (3, 5, 0), (2, 4, 3)],
+    ),
     "k": ("blocks.{}.attn.hook_k", None, "all", _mask_by_pos_head, [(0, 1), (3, 0), (2, 1)]),
 }
 
@@ -84,14 +96,18 @@ def test_attribution_equals_the_alpha_derivative(toys, kind, hook) -> None:
     metric = _metric(model, clean)
     name_fmt, positions, heads, make_mask, indices = CASES[hook]
     before = _hooks(model)
-    sweep = attribution.attribution_patch(model, clean, corrupted, metric, hook, positions=positions, heads=heads)
+    sweep = attribution.attribution_patch(
+        model, clean, corrupted, metric, hook, positions=positions, heads=heads
+    )
     assert _hooks(model) == before
     assert all(p.grad is None for p in model.parameters())  # nothing accumulated into parameters
     n_heads = model.cfg.n_key_value_heads if hook == "k" and kind == "gqa" else model.cfg.n_heads
     expected_shape = (4,) + ((6,) if positions else ()) + ((n_heads,) if heads else ())
     assert tuple(sweep.values.shape) == expected_shape
     with torch.no_grad():
-        assert math.isclose(sweep.corrupted_metric, float(metric(model(corrupted))), rel_tol=1e-5, abs_tol=1e-5)
+        assert math.isclose(
+            sweep.corrupted_metric, float(metric(model(corrupted))), rel_tol=1e-5, abs_tol=1e-5
+        )
     for index in indices:
         layer = index[0]
         p = index[1] if positions else None
@@ -116,7 +132,9 @@ def test_sums_subsets_drop_ins_and_cache_forms(toys, tmp_path) -> None:
     heads_summed = attribution.attribution_patch(model, cache, corrupted, metric, "z")
     assert torch.allclose(all_pos.values, by_pos.values.sum(1), atol=1e-5)  # linear: sums over the slice
     assert torch.allclose(heads_summed.values, by_pos.values.sum(2), atol=1e-5)
-    subset = attribution.attribution_patch(model, cache, corrupted, metric, "z", layers="n//2:", positions="-3:", heads=[3, 0])
+    subset = attribution.attribution_patch(
+        model, cache, corrupted, metric, "z", layers="n//2:", positions="-3:", heads=[3, 0]
+    )
     assert subset.layers == [2, 3] and subset.positions == [4, 5, 6] and subset.heads == [3, 0]
     assert torch.allclose(subset.values, by_pos.values[2:, 4:][..., [3, 0]], atol=1e-6)
 
@@ -129,7 +147,9 @@ def test_sums_subsets_drop_ins_and_cache_forms(toys, tmp_path) -> None:
     }
     for fn, (hook, positions, heads, shape) in drop_ins.items():
         ours = fn(model, corrupted, cache, metric)
-        ref = attribution.attribution_patch(model, cache, corrupted, metric, hook, positions=positions, heads=heads)
+        ref = attribution.attribution_patch(
+            model, cache, corrupted, metric, hook, positions=positions, heads=heads
+        )
         assert ours.shape == shape and torch.equal(ours, ref.values), fn.__name__
 
     from_tokens = attribution.attribution_patch(model, clean, corrupted, metric, "resid_pre")
@@ -223,7 +243,10 @@ def test_bad_inputs_raise_and_leave_no_hooks(toys) -> None:
         (dict(hook="z", positions=None), "leaves nothing"),
         (dict(hook="z"), "has no 'blocks.0.attn.hook_z'"),
         (dict(hook="not_a_hook"), "not_a_hook"),
-        (dict(hook="resid_pre", metric=patching.logit_diff_metric(1, 2, reduce="none")), r"scalar tensor, got \(2,\)"),
+        (
+            dict(hook="resid_pre", metric=patching.logit_diff_metric(1, 2, reduce="none")),
+            r"scalar tensor, got \(2,\)",
+        ),
         (dict(hook="resid_pre", metric=lambda logits: logits[:, -1, 0].mean().detach()), "does not depend"),
         (dict(hook="resid_pre", metric=lambda logits: 1.0), "scalar tensor, got float"),
         (dict(hook="resid_pre", metric="logit_diff"), "metric must be a function"),
@@ -237,7 +260,9 @@ def test_bad_inputs_raise_and_leave_no_hooks(toys) -> None:
         args = dict(clean=cache, corrupted=corrupted, metric=metric)
         args.update(kwargs)
         with pytest.raises(ValueError, match=message):
-            attribution.attribution_patch(model, args.pop("clean"), args.pop("corrupted"), args.pop("metric"), **args)
+            attribution.attribution_patch(
+                model, args.pop("clean"), args.pop("corrupted"), args.pop("metric"), **args
+            )
         assert _hooks(model) == before, kwargs
     assert all(not hp._forward_hooks for hp in model.hook_dict.values())
 
@@ -257,11 +282,15 @@ def test_bad_inputs_raise_and_leave_no_hooks(toys) -> None:
 def test_compare_by_hand() -> None:
     report = attribution.compare(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0]))
     # deviations (-1, 0, 1) and (-1, 1, 0): covariance 1, variances 2 and 2 -> 0.5; ranks are the same
-    assert math.isclose(report.pearson, 0.5, abs_tol=1e-12) and math.isclose(report.spearman, 0.5, abs_tol=1e-12)
+    assert math.isclose(report.pearson, 0.5, abs_tol=1e-12) and math.isclose(
+        report.spearman, 0.5, abs_tol=1e-12
+    )
     assert report.n == 3 and report.k == 3 and report.top_k_overlap == 1.0 and report.max_abs_error == 1.0
 
     # ties share their average rank: ranks (0.5, 0.5, 2, 3) vs (0, 1, 2, 3) -> 4.5 / sqrt(4.5 * 5)
-    report = attribution.compare(torch.tensor([[1.0, 1.0], [2.0, 3.0]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    report = attribution.compare(
+        torch.tensor([[1.0, 1.0], [2.0, 3.0]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    )
     assert math.isclose(report.spearman, math.sqrt(0.9), rel_tol=1e-12)
     # values: deviations (-.75, -.75, .25, 1.25) and (-1.5, -.5, .5, 1.5) -> 3.5 / sqrt(2.75 * 5)
     assert math.isclose(report.pearson, 3.5 / math.sqrt(2.75 * 5), rel_tol=1e-12)
@@ -278,9 +307,13 @@ def test_compare_by_hand() -> None:
     assert shifted.top_k_overlap == 0.5 and math.isclose(shifted.max_abs_error, 3.9, rel_tol=1e-6)
     assert math.isclose(shifted.pearson, report.pearson, rel_tol=1e-6)
     text = str(report)
-    assert "pearson" in text and "top-2 overlap 1/2" in text and "max |error| 3.9" in text and "\n" not in text
+    assert (
+        "pearson" in text and "top-2 overlap 1/2" in text and "max |error| 3.9" in text and "\n" not in text
+    )
 
-    sweep = attribution.AttributionSweep(attr.reshape(1, 5), ("layer", "pos"), [0], list(range(5)), None, "resid_pre")
+    sweep = attribution.AttributionSweep(
+        attr.reshape(1, 5), ("layer", "pos"), [0], list(range(5)), None, "resid_pre"
+    )
     assert attribution.compare(sweep, patch.reshape(1, 5), k=2) == report  # sweeps are unwrapped
     assert math.isnan(attribution.compare(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])).pearson)
     with pytest.raises(ValueError, match="same indices"):

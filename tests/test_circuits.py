@@ -25,7 +25,6 @@ from minterp_tl.circuits import (
 from minterp_tl.models import induction_report, repeated_random_tokens, second_half_loss, toy_model
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One intra-op thread: these models are tiny, and on the shared 2-core machine a second thread
@@ -56,7 +55,9 @@ def _randomise_logits(circuit: CircuitModel, seed: int = 0) -> None:
 def _linear_of(model, name: str) -> torch.nn.Linear:
     """The nn.Linear behind a canonical weight name, found independently of circuits.py."""
     _, layer, kind, weight = name.split(".")
-    path = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o", "W_in": "in", "W_gate": "gate", "W_out": "out"}[weight]
+    path = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o", "W_in": "in", "W_gate": "gate", "W_out": "out"}[
+        weight
+    ]
     return model.blocks[int(layer)].get_submodule(f"{kind}.{path}").original_component
 
 
@@ -68,15 +69,30 @@ def _linear_of(model, name: str) -> torch.nn.Linear:
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        (dict(mask_method="contsparse", mask_hparams=CS), ["unknown mask_method", "continuous_sparsification"]),
-        (dict(mask_hparams={k: v for k, v in CS.items() if k != "mask_init_value"}), ["missing", "mask_init_value"]),
+        (
+            dict(mask_method="contsparse", mask_hparams=CS),
+            ["unknown mask_method", "continuous_sparsification"],
+        ),
+        (
+            dict(mask_hparams={k: v for k, v in CS.items() if k != "mask_init_value"}),
+            ["missing", "mask_init_value"],
+        ),
         (dict(mask_method="hard_concrete", mask_hparams=CS), ["missing", "mask_init_percentage"]),
-        (dict(mask_method="magnitude_pruning", mask_hparams={**MP, "mask_init_value": 1.0}), ["mask_init_value", "valid keys"]),
+        (
+            dict(mask_method="magnitude_pruning", mask_hparams={**MP, "mask_init_value": 1.0}),
+            ["mask_init_value", "valid keys"],
+        ),
         (dict(mask_hparams={**CS, "ablation": "zero"}), ["unknown ablation", "zero_ablate"]),
         (dict(mask_hparams={**CS, "mask_unit": "heads"}), ["unknown mask_unit", "head"]),
         (dict(mask_hparams={**CS, "mask_init_value": float("nan")}), ["mask_init_value", "finite"]),
-        (dict(mask_method="hard_concrete", mask_hparams={**HC, "mask_init_percentage": 1.0}), ["strictly between 0 and 1"]),
-        (dict(mask_method="magnitude_pruning", mask_hparams={**MP, "prune_percentage": 1.5}), ["prune_percentage", "[0, 1]"]),
+        (
+            dict(mask_method="hard_concrete", mask_hparams={**HC, "mask_init_percentage": 1.0}),
+            ["strictly between 0 and 1"],
+        ),
+        (
+            dict(mask_method="magnitude_pruning", mask_hparams={**MP, "prune_percentage": 1.5}),
+            ["prune_percentage", "[0, 1]"],
+        ),
         (dict(mask_hparams=CS, l0_lambda=-1.0), ["l0_lambda", ">= 0"]),
         (dict(mask_hparams=CS, target_layers=("attn.W_X",)), ["unknown weight", "W_Q"]),
         (dict(mask_hparams=CS, target_layers=("attn[n//2 +]",)), ["layer spec"]),
@@ -122,7 +138,9 @@ def test_targets_resolve_to_canonical_weights(toys):
     with pytest.raises(ValueError, match="out of range"):
         CircuitModel(CircuitConfig(mask_hparams=CS, target_layers=("attn[7]",)), toys["ln"])
     with pytest.raises(ValueError, match="attention weights"):
-        CircuitModel(CircuitConfig(mask_hparams={**CS, "mask_unit": "head"}, target_layers=("mlp",)), toys["ln"])
+        CircuitModel(
+            CircuitConfig(mask_hparams={**CS, "mask_unit": "head"}, target_layers=("mlp",)), toys["ln"]
+        )
     # Nothing stays attached after the failures: the model is untouched.
     x = _tokens()
     assert torch.equal(toys["ln"](x), toy_model("ln")(x))
@@ -227,7 +245,10 @@ def test_smollm2_masks_gqa_heads_and_restores_exact_logits(smollm2):
         stats = circuit.compute_l0_statistics()
         # 9 query heads, 3 key/value heads (W_K, W_V) per layer.
         assert stats["layer2maxl0"]["blocks.29.attn.W_Q"] == 9
-        assert stats["layer2maxl0"]["blocks.29.attn.W_K"] == 3 and stats["layer2maxl0"]["blocks.29.attn.W_V"] == 3
+        assert (
+            stats["layer2maxl0"]["blocks.29.attn.W_K"] == 3
+            and stats["layer2maxl0"]["blocks.29.attn.W_V"] == 3
+        )
         assert stats["max_l0"] == 2 * (9 + 3 + 3 + 9)
         circuit.eval()
         assert torch.equal(circuit(x), ref)  # every mask logit 1.0 > 0: all kept, bit for bit
@@ -255,7 +276,9 @@ def test_smollm2_masks_gqa_heads_and_restores_exact_logits(smollm2):
 
 def test_continuous_sparsification_l0_and_masks(toys):
     model = toys["ln"]
-    with CircuitModel(CircuitConfig(mask_hparams={**CS, "mask_init_value": 0.3}, target_layers=("attn[0]",)), model) as c:
+    with CircuitModel(
+        CircuitConfig(mask_hparams={**CS, "mask_init_value": 0.3}, target_layers=("attn[0]",)), model
+    ) as c:
         c.train()
         stats = c.compute_l0_statistics()
         n = stats["max_l0"]
@@ -345,7 +368,9 @@ def test_ablation_modes_masks(toys):
         c.set_ablate_mode("zero_ablate")
         assert all(torch.equal(c.current_masks()[k], 1 - hard[k]) for k in hard)
         removed = c(x)
-        assert c.compute_l0_statistics()["total_l0"] == sum(float(h.sum()) for h in hard.values())  # L0 of the found mask
+        assert c.compute_l0_statistics()["total_l0"] == sum(
+            float(h.sum()) for h in hard.values()
+        )  # L0 of the found mask
 
         c.set_ablate_mode("randomly_sampled", seed=0)
         first = c.current_masks()
@@ -470,7 +495,9 @@ def test_one_circuit_per_model_and_bad_arguments(toys):
     with pytest.raises(ValueError, match="TransformerBridge"):
         CircuitModel(cfg, torch.nn.Linear(2, 2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="nothing to train"):
-        find_subnetwork(model, CircuitConfig("magnitude_pruning", MP, ("W_Q",)), [_tokens()], lambda l, b: l.sum())
+        find_subnetwork(
+            model, CircuitConfig("magnitude_pruning", MP, ("W_Q",)), [_tokens()], lambda l, b: l.sum()
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +543,10 @@ def induction_circuits(induction_model, tmp_path_factory):
                 r[mode] = losses
             r["temperature"] = circuit.temperature
             plots = tmp_path_factory.mktemp("plots")
-            r["pngs"] = [circuit.plot_masks(plots / f"{variant}_masks.png"), history.plot(plots / f"{variant}_history.png")]
+            r["pngs"] = [
+                circuit.plot_masks(plots / f"{variant}_masks.png"),
+                history.plot(plots / f"{variant}_history.png"),
+            ]
         circuit.detach()
         out[variant] = r
     return out
@@ -581,10 +611,16 @@ def test_induction_subnetwork_keeps_the_task(induction_model, induction_circuits
 def test_find_subnetwork_argument_errors(toys):
     cfg = CircuitConfig(mask_hparams=CS, target_layers=("W_Q",))
     model = toys["ln"]
-    for kwargs, word in ((dict(steps=0), "steps"), (dict(steps=4, epochs=5), "epochs"), (dict(lr=0), "lr"),
-                         (dict(final_temperature=0.5), "final_temperature")):
+    for kwargs, word in (
+        (dict(steps=0), "steps"),
+        (dict(steps=4, epochs=5), "epochs"),
+        (dict(lr=0), "lr"),
+        (dict(final_temperature=0.5), "final_temperature"),
+    ):
         with pytest.raises(ValueError, match=word):
-            find_subnetwork(model, cfg, [_tokens()], lambda logits, b: logits.mean(), progress=False, **kwargs)
+            find_subnetwork(
+                model, cfg, [_tokens()], lambda logits, b: logits.mean(), progress=False, **kwargs
+            )
     with pytest.raises(ValueError, match="batches"):
         find_subnetwork(model, cfg, [], lambda logits, b: logits.mean(), progress=False)
     x = _tokens()
@@ -646,7 +682,9 @@ def test_redundant_induction_half_size_subnetwork(redundant_induction_model):
     # The learned head mask finds such a subset, with a previous-token and an induction head.
     hp = dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=2.0)
     cfg = CircuitConfig("continuous_sparsification", hp, ("attn.W_O",), l0_lambda=0.15)
-    circuit, _ = find_subnetwork(model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, progress=False)
+    circuit, _ = find_subnetwork(
+        model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, progress=False
+    )
     try:
         with torch.no_grad():
             heads = circuit.kept_heads()
@@ -669,8 +707,9 @@ def test_redundant_induction_half_size_subnetwork(redundant_induction_model):
     # with a size penalty. It removes two induction heads; removing random pairs hurts far less.
     hp = dict(ablation="zero_ablate", mask_unit="head", mask_bias=False, mask_init_value=-2.0)
     cfg = CircuitConfig("continuous_sparsification", hp, ("attn.W_O",), l0_lambda=0.05)
-    breaker, _ = find_subnetwork(model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, maximize=True,
-                                 progress=False)
+    breaker, _ = find_subnetwork(
+        model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, maximize=True, progress=False
+    )
     try:
         with torch.no_grad():
             removed_heads = breaker.kept_heads()

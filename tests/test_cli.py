@@ -63,9 +63,14 @@ def _same_fields(printed: str, expected: str, tol: float) -> None:
 
 BAD_INPUT = {  # name -> (args, the words the one error line must contain); none of these loads a model
     "empty prompt": (["patch", "  ", IOI_CORRUPTED, "--no-progress"], "the clean prompt is empty"),
-    "bad spec": (["patch", "--layers", "n//0:", "--no-progress"], "--layers: layer spec 'n//0:': division by zero"),
-    "unknown model": (["patch", "--model", "/no/such/model-dir", "--no-progress"],
-                      "could not load model '/no/such/model-dir'"),
+    "bad spec": (
+        ["patch", "--layers", "n//0:", "--no-progress"],
+        "--layers: layer spec 'n//0:': division by zero",
+    ),
+    "unknown model": (
+        ["patch", "--model", "/no/such/model-dir", "--no-progress"],
+        "could not load model '/no/such/model-dir'",
+    ),
 }
 
 
@@ -75,10 +80,30 @@ def cli(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("cli")
     jobs: dict[str, list[str]] = {
         "circuit": ["circuit", "--no-progress", "--out", str(out / "circuit.png")],
-        "patch": ["patch", "--layers", "n//2:", "--positions", "-5:", "--normalize", "--top-k", "3",
-                  "--no-progress", "--out", str(out / "patch.png")],
-        "routes": ["routes", PROMPT, "--top-k", "3", "--no-progress", "--out", str(out / "routes.png"),
-                   "--json", str(out / "routes.json")],
+        "patch": [
+            "patch",
+            "--layers",
+            "n//2:",
+            "--positions",
+            "-5:",
+            "--normalize",
+            "--top-k",
+            "3",
+            "--no-progress",
+            "--out",
+            str(out / "patch.png"),
+        ],
+        "routes": [
+            "routes",
+            PROMPT,
+            "--top-k",
+            "3",
+            "--no-progress",
+            "--out",
+            str(out / "routes.png"),
+            "--json",
+            str(out / "routes.json"),
+        ],
         "lens": ["lens", PROMPT, "--no-progress", "--out", str(out / "lens.png")],
         "info": ["info", PROMPT, "--no-progress", "--out", str(out / "info.png")],
         **{f"bad: {name}": args for name, (args, _) in BAD_INPUT.items()},
@@ -109,7 +134,9 @@ def test_circuit_prints_the_heads_and_losses_of_an_in_process_run(cli):
         test = repeated_random_tokens(128, 11, 64, torch.Generator().manual_seed(5))
         hp = dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=2.0)
         cfg = CircuitConfig("continuous_sparsification", hp, ("attn.W_O",), l0_lambda=0.15)
-        circuit, _ = find_subnetwork(model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, progress=False)
+        circuit, _ = find_subnetwork(
+            model, cfg, train, second_half_loss, steps=80, epochs=8, lr=0.1, progress=False
+        )
         try:
             with torch.no_grad():
                 heads = circuit.kept_heads()
@@ -135,24 +162,35 @@ def test_circuit_prints_the_heads_and_losses_of_an_in_process_run(cli):
     for l, h, prev, ind in printed:
         assert abs(float(prev) - float(report.prev_token_scores[int(l), int(h)])) <= 1e-3
         assert abs(float(ind) - float(report.induction_scores[int(l), int(h)])) <= 1e-3
-    losses = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^([a-z].{31}) (\d+\.\d{4})$", out, flags=re.M)}
-    assert losses == pytest.approx({
-        "full model": full,
-        f"subnetwork ({len(heads)} heads)": kept,
-        "subnetwork zero-ablated": removed,
-        f"random {len(heads)} heads (mean of 8)": sum(randoms) / 8,
-    }, abs=1e-4)
+    losses = {
+        m.group(1).strip(): float(m.group(2))
+        for m in re.finditer(r"^([a-z].{31}) (\d+\.\d{4})$", out, flags=re.M)
+    }
+    assert losses == pytest.approx(
+        {
+            "full model": full,
+            f"subnetwork ({len(heads)} heads)": kept,
+            "subnetwork zero-ablated": removed,
+            f"random {len(heads)} heads (mean of 8)": sum(randoms) / 8,
+        },
+        abs=1e-4,
+    )
     # the redundant model's known result (tests/test_circuits.py): half the heads keep the task,
     # with a previous-token and an induction head; removing them breaks it
     assert len(heads) <= 4 and kept <= 1.10 * full and removed > 5 * full
-    assert any(float(prev) > 0.5 for _, _, prev, _ in printed) and any(float(ind) > 0.5 for _, _, _, ind in printed)
+    assert any(float(prev) > 0.5 for _, _, prev, _ in printed) and any(
+        float(ind) > 0.5 for _, _, _, ind in printed
+    )
     _check_png(cli["out"] / "circuit.png", min_size=1_000)
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["circuit", "--model", "smollm2-135m"], "circuit --model must be one of induction-redundant, induction"),
+        (
+            ["circuit", "--model", "smollm2-135m"],
+            "circuit --model must be one of induction-redundant, induction",
+        ),
         (["circuit", "--steps", "3"], "--steps must be >= 8"),
         (["circuit", "--lambda", "nan"], "--lambda must be a finite number >= 0"),
         (["circuit", "--length", "40", "--no-progress"], "--length must be in 2..31"),
@@ -192,22 +230,38 @@ def test_patch_prints_the_strongest_cells_of_the_sweep(cli, smollm2):
     clean_value, corrupted_value = float(diff(clean_logits)), float(diff(corrupted_logits))
     # the CLI's grid: layers "n//2:" = 15..29, positions "-5:" = 10..14, normalised
     grid = [(l, p) for l in range(15, 30) for p in range(10, 15)]
-    raw = generic_activation_patch(smollm2, corrupted, cache, diff, layer_pos_patch_setter, "resid_pre",
-                                   index_df=pd.DataFrame(grid, columns=["layer", "pos"]), progress=False)
+    raw = generic_activation_patch(
+        smollm2,
+        corrupted,
+        cache,
+        diff,
+        layer_pos_patch_setter,
+        "resid_pre",
+        index_df=pd.DataFrame(grid, columns=["layer", "pos"]),
+        progress=False,
+    )
     values = (raw - corrupted_value) / (clean_value - corrupted_value)
     top = values.abs().argsort(descending=True)[:3].tolist()
 
     out = _ok(cli["patch"].result())
     header = re.search(r"clean (-?\d+\.\d{4}), corrupted (-?\d+\.\d{4})", out)
-    assert abs(float(header.group(1)) - clean_value) <= 1e-3 and abs(float(header.group(2)) - corrupted_value) <= 1e-3
+    assert (
+        abs(float(header.group(1)) - clean_value) <= 1e-3
+        and abs(float(header.group(2)) - corrupted_value) <= 1e-3
+    )
     assert "resid_pre: 15 layers x 5 positions = 75 patches" in out
     rows = re.findall(r"^\s+(\d)\s+(\d+)\s+(\d+)\s+(.+?)\s+(-?\d+\.\d{4})$", out, flags=re.M)
     assert [int(r[0]) for r in rows] == [1, 2, 3]
-    for (rank, layer, pos, token, value), i in zip(rows, top):
+    for (_, layer, pos, _token, value), i in zip(rows, top):
         assert (int(layer), int(pos)) == grid[i]
         assert abs(float(value) - float(values[i])) <= 1e-3
-        clean_tok, corrupted_tok = smollm2.to_str_tokens(clean)[int(pos)], smollm2.to_str_tokens(corrupted)[int(pos)]
-        assert token == (repr(clean_tok) if clean_tok == corrupted_tok else f"{clean_tok!r}/{corrupted_tok!r}")
+        clean_tok, corrupted_tok = (
+            smollm2.to_str_tokens(clean)[int(pos)],
+            smollm2.to_str_tokens(corrupted)[int(pos)],
+        )
+        assert token == (
+            repr(clean_tok) if clean_tok == corrupted_tok else f"{clean_tok!r}/{corrupted_tok!r}"
+        )
     # the strongest cell once more, by hand with TransformerLens's own hooks (no minterp_tl code)
     layer, pos = grid[top[0]]
     name = f"blocks.{layer}.hook_resid_pre"
@@ -239,15 +293,46 @@ def test_patch_heads_sweeps_match_transformer_lens_setters(smollm2, capsys, tmp_
         corrupted_value = float(diff(smollm2(corrupted)))
     for extra, setter, rows, columns in (
         ([], layer_head_vector_patch_setter, [(29, h) for h in range(9)], ["layer", "head"]),
-        (["--positions", "-1"], layer_pos_head_vector_patch_setter, [(29, 14, h) for h in (0, 4)], ["layer", "pos", "head"]),
+        (
+            ["--positions", "-1"],
+            layer_pos_head_vector_patch_setter,
+            [(29, 14, h) for h in (0, 4)],
+            ["layer", "pos", "head"],
+        ),
     ):
         png = tmp_path / f"heads{len(extra)}.png"
         heads = "0, 4" if extra else "all"
-        assert main(["patch", "--hook", "z", "--layers", "-1", "--heads", heads, *extra, "--top-k", "2",
-                     "--no-progress", "--out", str(png)]) == 0
+        assert (
+            main(
+                [
+                    "patch",
+                    "--hook",
+                    "z",
+                    "--layers",
+                    "-1",
+                    "--heads",
+                    heads,
+                    *extra,
+                    "--top-k",
+                    "2",
+                    "--no-progress",
+                    "--out",
+                    str(png),
+                ]
+            )
+            == 0
+        )
         out = capsys.readouterr().out
-        expected = generic_activation_patch(smollm2, corrupted, cache, diff, setter, "z",
-                                            index_df=pd.DataFrame(rows, columns=columns), progress=False)
+        expected = generic_activation_patch(
+            smollm2,
+            corrupted,
+            cache,
+            diff,
+            setter,
+            "z",
+            index_df=pd.DataFrame(rows, columns=columns),
+            progress=False,
+        )
         top = (expected - corrupted_value).abs().argsort(descending=True)[:2].tolist()  # the largest effects
         printed = re.findall(r"^\s+[12]\s+(29)\s+(?:(14)\s+' to'\s+)?(\d)\s+(-?\d+\.\d{4})$", out, flags=re.M)
         assert len(printed) == 2, out
@@ -260,8 +345,10 @@ def test_patch_heads_sweeps_match_transformer_lens_setters(smollm2, capsys, tmp_
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["patch", IOI_CLEAN, "When Mary and John went to the store, Mary gave a big drink to"],
-         "the clean prompt has 15, the corrupted one 16"),
+        (
+            ["patch", IOI_CLEAN, "When Mary and John went to the store, Mary gave a big drink to"],
+            "the clean prompt has 15, the corrupted one 16",
+        ),
         (["patch", "--answer", " Mary Jane"], "--answer ' Mary Jane' is 2 tokens"),
         (["patch", "--hook", "resid_prex"], "--hook: Unknown hook name 'resid_prex' at layer 0"),
         (["patch", "--positions", "20"], "--positions: position spec '20': position 20 is out of range"),

@@ -22,7 +22,9 @@ def test_prompt_forms_are_normalized() -> None:
 
 
 def test_context_is_frozen_and_clone_overrides() -> None:
-    ctx = RepresentationContext(["a"], layers="n//2:", positions="last", hooks="z", metadata={"k": 1}, name="clean")
+    ctx = RepresentationContext(
+        ["a"], layers="n//2:", positions="last", hooks="z", metadata={"k": 1}, name="clean"
+    )
     assert ctx.hooks == ("z",)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ctx.layers = 3

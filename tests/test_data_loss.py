@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 from minterp_tl.models import train_induction_model
 from minterp_tl.state import SavedState, StateManager
 
-TINY = dict(n_layers=1, steps=3, batch_size=4, d_model=16, n_heads=2, d_vocab=8, train_lengths=(3, 4), progress=False)
+TINY = dict(
+    n_layers=1, steps=3, batch_size=4, d_model=16, n_heads=2, d_vocab=8, train_lengths=(3, 4), progress=False
+)
 
 
 def _cache_file(folder):
@@ -63,8 +65,9 @@ def test_a_cache_that_cannot_be_written_is_a_warning_not_a_lost_model(tmp_path):
     assert _logits(model).shape == (1, 9, 9)
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=2.5), dict(batch_size=True), dict(lr=float("nan")),
-                                 dict(n_layers=0)])
+@pytest.mark.parametrize(
+    "bad", [dict(steps=0), dict(steps=2.5), dict(batch_size=True), dict(lr=float("nan")), dict(n_layers=0)]
+)
 def test_bad_training_arguments_are_refused(tmp_path, bad):
     with pytest.raises(ValueError, match="train_induction_model"):
         train_induction_model(cache_dir=tmp_path, **{**TINY, **bad})

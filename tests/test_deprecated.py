@@ -15,8 +15,14 @@ from minterp_tl.wrapper import ModelWrapper
 def test_moved_and_renamed_fields_warn_and_keep_their_meaning() -> None:
     import minterp_tl.state as state
 
-    for old, new in (("hook_layout", hooks.hook_layout), ("gather", hooks.gather), ("scatter", hooks.scatter)):
-        with pytest.warns(DeprecationWarning, match=f"minterp_tl.state.{old} is deprecated; use minterp_tl.hooks"):
+    for old, new in (
+        ("hook_layout", hooks.hook_layout),
+        ("gather", hooks.gather),
+        ("scatter", hooks.scatter),
+    ):
+        with pytest.warns(
+            DeprecationWarning, match=f"minterp_tl.state.{old} is deprecated; use minterp_tl.hooks"
+        ):
             assert getattr(state, old) is new
     with pytest.warns(DeprecationWarning, match=r"SaveRule\(state=...\)"):
         assert SaveRule(state="resid_pre", layers=1) == SaveRule("resid_pre", layers=1)
@@ -82,7 +88,9 @@ def test_circuit_mask_disk_verbs(tmp_path, toys) -> None:
     model = toys["ln"]
     hc = dict(ablation="none", mask_unit="weight", mask_bias=False, mask_init_percentage=0.7)
     with CircuitModel(CircuitConfig("hard_concrete", hc, ("attn[::2]",)), model) as circuit:
-        with pytest.warns(DeprecationWarning, match="CircuitModel.save_masks is deprecated; use CircuitModel.write_masks"):
+        with pytest.warns(
+            DeprecationWarning, match="CircuitModel.save_masks is deprecated; use CircuitModel.write_masks"
+        ):
             circuit.save_masks(tmp_path / "m")
         with pytest.warns(DeprecationWarning, match="CircuitModel.load_masks"):
             circuit.load_masks(tmp_path / "m")

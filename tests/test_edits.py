@@ -93,7 +93,12 @@ def test_edits_give_exactly_the_logits_of_hand_written_hooks(toy):
     assert torch.equal(edited, expected)
     assert (edited - base).abs().max() > 1e-2  # the edits do something
     # each edit alone, too (a missing or wrong edit cannot hide behind the others)
-    for name, hooks in (("heads", hand[:2]), ("steer", hand[2:4]), ("neurons", hand[4:5]), ("patch", hand[5:6])):
+    for name, hooks in (
+        ("heads", hand[:2]),
+        ("steer", hand[2:4]),
+        ("neurons", hand[4:5]),
+        ("patch", hand[5:6]),
+    ):
         with edits:
             edits.disable()
             edits.enable(name)
@@ -152,8 +157,12 @@ def test_order_is_forward_order_then_insertion_order(toys):
         return x
 
     name = "blocks.1.hook_resid_post"
-    assert torch.equal(set_then_add, model.run_with_hooks(tokens, fwd_hooks=[(name, set_last), (name, add_last)]))
-    assert torch.equal(add_then_set, model.run_with_hooks(tokens, fwd_hooks=[(name, add_last), (name, set_last)]))
+    assert torch.equal(
+        set_then_add, model.run_with_hooks(tokens, fwd_hooks=[(name, set_last), (name, add_last)])
+    )
+    assert torch.equal(
+        add_then_set, model.run_with_hooks(tokens, fwd_hooks=[(name, add_last), (name, set_last)])
+    )
     assert not torch.equal(set_then_add, add_then_set)
 
 
@@ -171,7 +180,9 @@ def test_toggle_remove_scope_and_persistence(toys):
     model.reset_hooks()  # other code resetting hooks leaves edits alone
     assert torch.equal(model(tokens), both)
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == "blocks.1.attn.hook_z")
-    assert torch.equal(cache["blocks.1.attn.hook_z"][:, :, 0], torch.zeros_like(cache["blocks.1.attn.hook_z"][:, :, 0]))
+    assert torch.equal(
+        cache["blocks.1.attn.hook_z"][:, :, 0], torch.zeros_like(cache["blocks.1.attn.hook_z"][:, :, 0])
+    )
     assert edits.toggle("b") is False and torch.equal(model(tokens), only_a)
     assert [row.split()[4] for row in edits.table().splitlines()[2:] if row.split()[2] == "b"] == ["off"]
     edits.enable("b")
@@ -196,8 +207,16 @@ def test_save_load_round_trip(tmp_path, toys):
     base = model(tokens)
     edits = Edits(model)
     edits.ablate("heads", "z", layers=[1, 3], heads="1:3")
-    edits.ablate("mean", "mlp_post", layers=2, neurons=[0, 4, 9], how="mean", reference=_tokens(model, 3, 5, 9))
-    edits.steer("steer", "resid_pre", torch.randn(model.cfg.d_model).to(torch.bfloat16), layers="last", positions=slice(1, None))
+    edits.ablate(
+        "mean", "mlp_post", layers=2, neurons=[0, 4, 9], how="mean", reference=_tokens(model, 3, 5, 9)
+    )
+    edits.steer(
+        "steer",
+        "resid_pre",
+        torch.randn(model.cfg.d_model).to(torch.bfloat16),
+        layers="last",
+        positions=slice(1, None),
+    )
     edits.add_function("fn", "hook_embed", scale_by, kwargs={"factor": 1.5})
     edits.set("set", "blocks.0.hook_attn_out", torch.randn(1, 1, model.cfg.d_model), positions=0)
     edits.disable("mean")
@@ -300,9 +319,11 @@ def test_ablating_the_induction_circuit_breaks_induction(induction_model):
             with edits:
                 edits.ablate("other", "z", layers=0, heads=h)
                 others[h] = induction_report(model, length=11, batch=32).second_half_loss
-    print(f"second-half loss: base {base.second_half_loss:.3f} (chance {base.first_half_loss:.3f}); "
-          f"prev-token head L0H{prev_head} ablated {no_prev:.3f}; induction heads L1{induction_heads} "
-          f"ablated {no_induction:.3f}; other L0 heads ablated {others}")
+    print(
+        f"second-half loss: base {base.second_half_loss:.3f} (chance {base.first_half_loss:.3f}); "
+        f"prev-token head L0H{prev_head} ablated {no_prev:.3f}; induction heads L1{induction_heads} "
+        f"ablated {no_induction:.3f}; other L0 heads ablated {others}"
+    )
     assert base.second_half_loss < 0.5
     assert no_prev > base.first_half_loss - 0.5
     assert no_induction > base.first_half_loss - 0.5
@@ -335,8 +356,11 @@ def test_smollm2_edits_equal_hand_written_hooks(smollm2):
 
     expected = model.run_with_hooks(
         tokens,
-        fwd_hooks=[("blocks.3.attn.hook_z", zero_heads), ("blocks.20.attn.hook_z", zero_heads),
-                   ("blocks.10.hook_resid_post", add_v)],
+        fwd_hooks=[
+            ("blocks.3.attn.hook_z", zero_heads),
+            ("blocks.20.attn.hook_z", zero_heads),
+            ("blocks.10.hook_resid_post", add_v),
+        ],
     )
     assert torch.equal(edited, expected)
     assert not torch.equal(edited, base)

@@ -52,9 +52,15 @@ def test_fast_path_is_on_and_exact_on_hf_families(hf_model, family, monkeypatch)
     clean, corrupted = _pair(model, batch=2, pos=6)
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
-    assert patching.fast_path_status(model, corrupted) == FastPathStatus(True, True, True), transformers.__version__
+    assert patching.fast_path_status(model, corrupted) == FastPathStatus(True, True, True), (
+        transformers.__version__
+    )
     seen = _counting(monkeypatch)
-    for fn in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_head_k_by_pos"):
+    for fn in (
+        "get_act_patch_resid_pre",
+        "get_act_patch_attn_head_out_by_pos",
+        "get_act_patch_attn_head_k_by_pos",
+    ):
         ref = getattr(tl_patching, fn)(model, corrupted, cache, metric)
         assert ref.abs().max() > 1e-3
         for max_batch in (2, 4, 8, None):  # 1, 2, 4 copies per forward and the default
@@ -85,7 +91,10 @@ def test_batched_prompts_equal_hand_written_hooks(hf_model, family) -> None:
 
     with torch.no_grad():
         by_hand = metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", put_clean)]))
-    assert abs(float(ours[1, 5] - by_hand)) <= TOL and abs(float(by_hand - metric(model(corrupted).detach()))) > 1e-3
+    assert (
+        abs(float(ours[1, 5] - by_hand)) <= TOL
+        and abs(float(by_hand - metric(model(corrupted).detach()))) > 1e-3
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -128,7 +137,10 @@ def test_sliding_window_is_decided_per_call(hf_model, monkeypatch) -> None:
         if positions:
             assert not said
         else:
-            assert "sliding attention window of 6 tokens" in status.reason and "(this one has 10)" in status.reason
+            assert (
+                "sliding attention window of 6 tokens" in status.reason
+                and "(this one has 10)" in status.reason
+            )
             assert len(said) == 1 and "sliding attention window" in said[0] and "fast_path_status" in said[0]
 
 
@@ -141,7 +153,9 @@ def test_native_toys_start_at_layers_and_say_why_not_at_positions(toys, monkeypa
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
     seen = _counting(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="position start off: the model.s attention layers left the key/value") as said:
+    with pytest.warns(
+        RuntimeWarning, match="position start off: the model.s attention layers left the key/value"
+    ) as said:
         ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False)
     runtime = [w for w in said if issubclass(w.category, RuntimeWarning)]
     assert len(runtime) == 1 and runtime[0].filename == __file__  # reported at the caller's line
@@ -194,10 +208,20 @@ def test_a_setter_that_writes_before_its_position_is_exact(hf_model, max_batch) 
         act[:, max(pos - 1, 0) : pos + 1] = clean_act[:, max(pos - 1, 0) : pos + 1]
         return act
 
-    ours = patching.generic_activation_patch(model, corrupted, cache, metric, also_before, "resid_pre",
-                                             index_axis_names=("layer", "pos"), progress=False, max_batch=max_batch)
-    ref = tl_patching.generic_activation_patch(model, corrupted, cache, metric, also_before, "resid_pre",
-                                               index_axis_names=("layer", "pos"))
+    ours = patching.generic_activation_patch(
+        model,
+        corrupted,
+        cache,
+        metric,
+        also_before,
+        "resid_pre",
+        index_axis_names=("layer", "pos"),
+        progress=False,
+        max_batch=max_batch,
+    )
+    ref = tl_patching.generic_activation_patch(
+        model, corrupted, cache, metric, also_before, "resid_pre", index_axis_names=("layer", "pos")
+    )
     plain = tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
     assert (ours - ref).abs().max() <= TOL
     assert (ref - plain).abs().max() > 1e-3  # the earlier write matters
@@ -219,5 +243,14 @@ def test_a_setter_that_is_not_deterministic_is_refused(hf_model) -> None:
         return act
 
     with pytest.raises(RuntimeError, match="setters must be deterministic"):
-        patching.generic_activation_patch(model, corrupted, cache, _metric(clean_logits), sneaky, "resid_pre",
-                                          index_axis_names=("layer", "pos"), progress=False, max_batch=1)
+        patching.generic_activation_patch(
+            model,
+            corrupted,
+            cache,
+            _metric(clean_logits),
+            sneaky,
+            "resid_pre",
+            index_axis_names=("layer", "pos"),
+            progress=False,
+            max_batch=1,
+        )

@@ -109,7 +109,12 @@ def test_one_head_count_rule_for_grouped_query_attention(toys) -> None:
     assert n_heads(ln, "blocks.0.attn.hook_k") == ln.cfg.n_heads
     # the rule matches the activations the models produce
     _, cache = gqa.run_with_cache(torch.zeros(1, 3, dtype=torch.long))
-    for name in ("blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_q", "blocks.0.attn.hook_z"):
+    for name in (
+        "blocks.0.attn.hook_k",
+        "blocks.0.attn.hook_v",
+        "blocks.0.attn.hook_q",
+        "blocks.0.attn.hook_z",
+    ):
         assert cache[name].shape[2] == n_heads(gqa, name), name
     assert has_heads("blocks.0.attn.hook_pattern") and not has_heads("blocks.0.hook_resid_pre")
     assert layer_of("blocks.12.attn.hook_z") == 12 and layer_of("hook_embed") is None

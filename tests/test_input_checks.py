@@ -24,29 +24,39 @@ def _metric(model):
 def test_text_longer_than_the_context_is_refused(hf_model):
     model = hf_model("llama")
     assert model.to_tokens(LONG).shape[1] == model.cfg.n_ctx  # what TransformerLens alone does: truncates
-    for run in (lambda: logit_lens(model, LONG),
-                lambda: ModelWrapper(model).run(RepresentationContext(LONG)),
-                lambda: TransformerLensTransparentLlm(model).run([LONG])):
+    for run in (
+        lambda: logit_lens(model, LONG),
+        lambda: ModelWrapper(model).run(RepresentationContext(LONG)),
+        lambda: TransformerLensTransparentLlm(model).run([LONG]),
+    ):
         with pytest.raises(ValueError, match=r"is \d+ tokens, more than the model's context of 64"):
             run()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda m: torch.full((1, 5), m.cfg.d_vocab), "outside 0..49"),
-    (lambda m: torch.full((1, 5), -1), "outside 0..49"),
-    (lambda m: torch.zeros(1, 65, dtype=torch.long), "more than the model's context of 64"),
-    (lambda m: torch.zeros(1, 5), "integer t"),
-    (lambda m: torch.zeros(5, dtype=torch.long), r"\[batch, pos\]"),  # a [pos] prompt is fine for a context
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda m: torch.full((1, 5), m.cfg.d_vocab), "outside 0..49"),
+        (lambda m: torch.full((1, 5), -1), "outside 0..49"),
+        (lambda m: torch.zeros(1, 65, dtype=torch.long), "more than the model's context of 64"),
+        (lambda m: torch.zeros(1, 5), "integer t"),
+        (
+            lambda m: torch.zeros(5, dtype=torch.long),
+            r"\[batch, pos\]",
+        ),  # a [pos] prompt is fine for a context
+    ],
+)
 def test_bad_token_ids_are_refused_everywhere(toys, bad, message):
     model = toys["ln"]
     tokens = bad(model)
     clean = torch.zeros(1, 5, dtype=torch.long)
     _, cache = model.run_with_cache(clean)
-    for run in (lambda: patching.get_act_patch_resid_pre(model, tokens, cache, _metric(model), progress=False),
-                lambda: patching.activation_patch(model, tokens, cache, _metric(model), progress=False),
-                lambda: attribution.attribution_patch(model, cache, tokens, lambda x: x[:, -1, 0].mean()),
-                lambda: ModelWrapper(model).run(RepresentationContext(tokens))):
+    for run in (
+        lambda: patching.get_act_patch_resid_pre(model, tokens, cache, _metric(model), progress=False),
+        lambda: patching.activation_patch(model, tokens, cache, _metric(model), progress=False),
+        lambda: attribution.attribution_patch(model, cache, tokens, lambda x: x[:, -1, 0].mean()),
+        lambda: ModelWrapper(model).run(RepresentationContext(tokens)),
+    ):
         if tokens.ndim == 1 and "ModelWrapper" in run.__code__.co_names:
             continue
         with pytest.raises(ValueError, match=message):
@@ -59,11 +69,16 @@ def test_empty_selections_and_bad_sizes_are_refused(toys):
     corrupted = (clean + 1) % 50
     _, cache = model.run_with_cache(clean)
     metric = _metric(model)
-    for kwargs, message in ((dict(layers="3:1"), "selects no layer"), (dict(layers="n:"), "selects no layer"),
-                            (dict(positions="4:2"), "selects no position"),
-                            (dict(hook="z", heads="2:2", positions=None), "selects no head")):
+    for kwargs, message in (
+        (dict(layers="3:1"), "selects no layer"),
+        (dict(layers="n:"), "selects no layer"),
+        (dict(positions="4:2"), "selects no position"),
+        (dict(hook="z", heads="2:2", positions=None), "selects no head"),
+    ):
         with pytest.raises(ValueError, match=message):
-            patching.activation_patch(model, corrupted, cache, metric, **{"hook": "resid_pre", **kwargs}, progress=False)
+            patching.activation_patch(
+                model, corrupted, cache, metric, **{"hook": "resid_pre", **kwargs}, progress=False
+            )
     for value in ("8", 1.5, True, float("nan"), float("inf"), 0, -3):
         with pytest.raises(ValueError, match="max_batch must be"):
             patching.get_act_patch_resid_pre(model, corrupted, cache, metric, max_batch=value, progress=False)

@@ -45,20 +45,43 @@ def test_every_mode_equals_a_hand_written_hook_in_one_run_and_as_an_edit(toys, k
     other = torch.randn(2, 7, n_kv, model.cfg.d_head, generator=g)
     mean = torch.randn(1, 1, model.cfg.n_heads, model.cfg.d_head, generator=g)
     cases = [
-        (Intervention("resid_post", "add", v, layers=0, positions=[0, -1], alpha=2.5),
-         "blocks.0.hook_resid_post", lambda x: _at(x, [0, 6], lambda r: r + 2.5 * v)),
-        (Intervention("resid_pre", "set", value, layers=1, positions=-1),
-         "blocks.1.hook_resid_pre", lambda x: _at(x, [6], lambda r: value)),
-        (Intervention("z", "zero", layers=1, heads=[1, 3]),
-         "blocks.1.attn.hook_z", lambda x: _heads(x, [1, 3], lambda r: 0 * r)),
-        (Intervention("z", "scale", layers=0, heads=2, positions="2:4", alpha=-0.5),
-         "blocks.0.attn.hook_z", lambda x: _pos_heads(x, [2, 3], [2], lambda r: -0.5 * r)),
-        (Intervention("z", "mean", mean, layers=0, heads=[0]),
-         "blocks.0.attn.hook_z", lambda x: _heads(x, [0], lambda r: mean[:, :, [0]].expand_as(r))),
-        (Intervention("k", "patch", other, layers=1, heads=[n_kv - 1], positions=[1]),  # GQA: key/value heads
-         "blocks.1.attn.hook_k", lambda x: _pos_heads(x, [1], [n_kv - 1], lambda r: other[:, [1]][:, :, [n_kv - 1]])),
-        (Intervention("mlp_out", "function", layers=1, fn=lambda x, hook, k: x * k, kwargs={"k": 0.25}),
-         "blocks.1.hook_mlp_out", lambda x: x * 0.25),
+        (
+            Intervention("resid_post", "add", v, layers=0, positions=[0, -1], alpha=2.5),
+            "blocks.0.hook_resid_post",
+            lambda x: _at(x, [0, 6], lambda r: r + 2.5 * v),
+        ),
+        (
+            Intervention("resid_pre", "set", value, layers=1, positions=-1),
+            "blocks.1.hook_resid_pre",
+            lambda x: _at(x, [6], lambda r: value),
+        ),
+        (
+            Intervention("z", "zero", layers=1, heads=[1, 3]),
+            "blocks.1.attn.hook_z",
+            lambda x: _heads(x, [1, 3], lambda r: 0 * r),
+        ),
+        (
+            Intervention("z", "scale", layers=0, heads=2, positions="2:4", alpha=-0.5),
+            "blocks.0.attn.hook_z",
+            lambda x: _pos_heads(x, [2, 3], [2], lambda r: -0.5 * r),
+        ),
+        (
+            Intervention("z", "mean", mean, layers=0, heads=[0]),
+            "blocks.0.attn.hook_z",
+            lambda x: _heads(x, [0], lambda r: mean[:, :, [0]].expand_as(r)),
+        ),
+        (
+            Intervention(
+                "k", "patch", other, layers=1, heads=[n_kv - 1], positions=[1]
+            ),  # GQA: key/value heads
+            "blocks.1.attn.hook_k",
+            lambda x: _pos_heads(x, [1], [n_kv - 1], lambda r: other[:, [1]][:, :, [n_kv - 1]]),
+        ),
+        (
+            Intervention("mlp_out", "function", layers=1, fn=lambda x, hook, k: x * k, kwargs={"k": 0.25}),
+            "blocks.1.hook_mlp_out",
+            lambda x: x * 0.25,
+        ),
     ]
     for record, name, write in cases:
         expected = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: write(x.clone()))])
@@ -93,8 +116,15 @@ def test_steering_and_mean_ablation_have_one_meaning_across_the_three_spellings(
     model, w = toys["gqa"], ModelWrapper(toys["gqa"])
     tokens, reference = _tokens(model), _tokens(model, batch=5, seed=3)
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
-    sm = StateManager({"steer": StateConfig(load=LoadRule("resid_post", layers=0, positions=-1, source="v",
-                                                          mode="add", transform=Scale(3.0)))})
+    sm = StateManager(
+        {
+            "steer": StateConfig(
+                load=LoadRule(
+                    "resid_post", layers=0, positions=-1, source="v", mode="add", transform=Scale(3.0)
+                )
+            )
+        }
+    )
     sm.put("v", v)
     by_rule = w.run(RepresentationContext(tokens), sm, phase="steer").logits
     record = Intervention("resid_post", "add", v, layers=0, positions=-1, alpha=3.0)
@@ -106,8 +136,15 @@ def test_steering_and_mean_ablation_have_one_meaning_across_the_three_spellings(
 
     ref = w.run(RepresentationContext(reference, hooks=("z",), layers=1), StateManager(), phase=None)
     means = ref["blocks.1.attn.hook_z"].mean(dim=(0, 1), keepdim=True)
-    sm = StateManager({"mean": StateConfig(load=LoadRule("z", layers=1, heads=[2], positions="all",
-                                                         source="m", transform=MeanOverBatch()))})
+    sm = StateManager(
+        {
+            "mean": StateConfig(
+                load=LoadRule(
+                    "z", layers=1, heads=[2], positions="all", source="m", transform=MeanOverBatch()
+                )
+            )
+        }
+    )
     sm.put("m", means[:, :, [2]].expand(1, tokens.shape[1], 1, -1))
     by_rule = w.run(RepresentationContext(tokens), sm, phase="mean").logits
     edits.ablate("mean", "z", layers=1, heads=[2], how="mean", reference=reference)
@@ -144,9 +181,17 @@ def test_positions_are_per_prompt_on_a_padded_batch_in_a_run_and_as_an_edit(hf_m
     assert torch.equal(edited, expected)
     layout = BatchLayout.from_tokens(model, tokens)
     assert layout.lengths == tuple(lengths)
-    one_run = ModelWrapper(model).run(RepresentationContext(prompts), StateManager(
-        {"x": StateConfig(interventions=[record], save=[SaveRule("resid_pre", layers=1, positions="all")])}),
-        phase="x")
+    one_run = ModelWrapper(model).run(
+        RepresentationContext(prompts),
+        StateManager(
+            {
+                "x": StateConfig(
+                    interventions=[record], save=[SaveRule("resid_pre", layers=1, positions="all")]
+                )
+            }
+        ),
+        phase="x",
+    )
     for i, n in enumerate(lengths):  # the same rows changed, prompt by prompt
         assert torch.allclose(one_run.logits[i, :n], expected[i, :n], atol=1e-5)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from minterp_tl.cli import main
 from minterp_tl.lens import logit_lens

@@ -38,7 +38,8 @@ SCRIPT = textwrap.dedent(
     rank = lens.answer_rank(7)
     lens.plot(folder / "lens.png")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({{"base_kib": base, "peak_kib": peak, "cells": list(ids.shape), "rank": list(rank.shape)}}))
+    print(json.dumps({{"base_kib": base, "peak_kib": peak, "cells": list(ids.shape),
+                      "rank": list(rank.shape)}}))
     """
 )
 
@@ -46,8 +47,14 @@ SCRIPT = textwrap.dedent(
 def test_a_1000_token_lens_stays_within_its_budget(tmp_path):
     tests = str(Path(__file__).parent)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests)], capture_output=True, text=True,
-                         env=env, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(tests=tests)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["cells"] == [3, 1, 1000, 1] and result["rank"] == [3, 1, 1000]
@@ -55,4 +62,6 @@ def test_a_1000_token_lens_stays_within_its_budget(tmp_path):
     print(f"lens grew the peak RSS by {grew_mib:.0f} MiB")
     full_logits_mib = 3 * 1000 * 65536 * 4 / 2**20  # 750 MiB: what holding every cell's logits takes
     # the forward pass itself (its [1000, 65536] logits included) is about 316 MiB here
-    assert grew_mib < 500, f"the lens grew the peak by {grew_mib:.0f} MiB (bound 500; full logits alone {full_logits_mib:.0f})"
+    assert grew_mib < 500, (
+        f"the lens grew the peak by {grew_mib:.0f} MiB (bound 500; full logits alone {full_logits_mib:.0f})"
+    )

@@ -312,8 +312,17 @@ def test_per_layer_name_without_layer(toy, name):
 
 @pytest.mark.parametrize(
     "args",
-    [("layer_4",), ("layer_-5",), ("layers.4",), ("layers.-5.input",), ("pattern", 4), ("resid_pre", -5),
-     ("k9",), ("blocks.4.hook_resid_pre",), ("attn.hook_z", 7)],
+    [
+        ("layer_4",),
+        ("layer_-5",),
+        ("layers.4",),
+        ("layers.-5.input",),
+        ("pattern", 4),
+        ("resid_pre", -5),
+        ("k9",),
+        ("blocks.4.hook_resid_pre",),
+        ("attn.hook_z", 7),
+    ],
 )
 def test_out_of_range_layer(toy, args):
     with pytest.raises(ValueError, match=re.escape("n_layers=4")) as error:

@@ -40,7 +40,8 @@ def _check_kernel_is_this_python() -> None:
     bare = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
     assert argv0 in bare or Path(argv0).resolve() == Path(sys.executable).resolve(), (
         f"the 'python3' kernel spec runs {argv0!r}, not {sys.executable!r}; remove that kernel spec "
-        "or install ipykernel into this environment")
+        "or install ipykernel into this environment"
+    )
 
 
 def _execute(path: Path, workdir: Path) -> tuple[object, float]:
@@ -70,7 +71,11 @@ def test_committed_notebook_has_no_outputs(name: str) -> None:
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code, name
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [
+        i
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
+    ]
     assert not dirty, f"{name}: cells {dirty} carry outputs or execution counts; clear them before committing"
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
     # The last cell is the check: asserts on the facts the notebook demonstrates.

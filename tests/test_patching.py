@@ -46,7 +46,11 @@ SWEEPS = [
 
 @pytest.mark.parametrize("fn", SWEEPS)
 def test_each_sweep_equals_transformer_lens(toy, fn) -> None:
-    if toy.cfg.attn_only and fn in ("get_act_patch_resid_mid", "get_act_patch_mlp_out", "get_act_patch_block_every"):
+    if toy.cfg.attn_only and fn in (
+        "get_act_patch_resid_mid",
+        "get_act_patch_mlp_out",
+        "get_act_patch_block_every",
+    ):
         pytest.skip("attention-only model has no resid_mid / mlp_out")
     clean, corrupted = _pair(toy, 0)
     clean_logits, cache = toy.run_with_cache(clean)
@@ -63,24 +67,41 @@ def test_pattern_dest_src_and_index_df_and_result_forms(toys) -> None:
     clean, corrupted = _pair(model, 1, pos=4)
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
-    ours = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric, progress=False)
+    ours = patching.get_act_patch_attn_head_pattern_dest_src_pos(
+        model, corrupted, cache, metric, progress=False
+    )
     ref = tl_patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric)
     assert (ours - ref).abs().max() <= TOL
 
     df = tl_patching.make_df_from_ranges([4, 4], ["layer", "pos"]).sample(7, random_state=0)
     ours, ours_df = patching.generic_activation_patch(
-        model, corrupted, cache, metric, tl_patching.layer_pos_patch_setter, "resid_pre",
-        index_df=df, return_index_df=True, progress=False)
+        model,
+        corrupted,
+        cache,
+        metric,
+        tl_patching.layer_pos_patch_setter,
+        "resid_pre",
+        index_df=df,
+        return_index_df=True,
+        progress=False,
+    )
     ref = tl_patching.generic_activation_patch(
-        model, corrupted, cache, metric, tl_patching.layer_pos_patch_setter, "resid_pre", index_df=df)
+        model, corrupted, cache, metric, tl_patching.layer_pos_patch_setter, "resid_pre", index_df=df
+    )
     assert ours.shape == (7,) and (ours - ref).abs().max() <= TOL and ours_df is df
 
     per_example = patching.logit_diff_metric(clean_logits[:, -1].argmax(-1), 0, reduce="none")
-    ours = patching.get_act_patch_resid_pre(model, corrupted, cache, per_example, reduce="none", baseline=True, progress=False)
-    ref = tl_patching.get_act_patch_resid_pre(model, corrupted, cache, per_example, reduce="none", baseline=True)
+    ours = patching.get_act_patch_resid_pre(
+        model, corrupted, cache, per_example, reduce="none", baseline=True, progress=False
+    )
+    ref = tl_patching.get_act_patch_resid_pre(
+        model, corrupted, cache, per_example, reduce="none", baseline=True
+    )
     assert isinstance(ours, tl_patching.PatchingResult)
     assert (ours.values - ref.values).abs().max() <= TOL and (ours.baseline - ref.baseline).abs().max() <= TOL
-    both = patching.get_act_patch_attn_out(model, corrupted, cache, {"ld": metric, "p": patching.prob_metric(3)}, progress=False)
+    both = patching.get_act_patch_attn_out(
+        model, corrupted, cache, {"ld": metric, "p": patching.prob_metric(3)}, progress=False
+    )
     assert both.values.shape == (2, 4, 4) and both.metric_names == ["ld", "p"]
 
 
@@ -91,7 +112,9 @@ def test_chunking_does_not_change_results(toys, max_batch) -> None:
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
     ref = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
-    ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, max_batch=max_batch * 3, progress=False)
+    ours = patching.get_act_patch_attn_head_out_by_pos(
+        model, corrupted, cache, metric, max_batch=max_batch * 3, progress=False
+    )
     assert (ours - ref).abs().max() <= TOL
     tiny = patching.copies_per_forward(model, 3, 6, memory_budget=1)
     assert tiny == 1
@@ -102,11 +125,20 @@ def test_metrics_by_hand(toys) -> None:
     clean, corrupted = _pair(model, 3)
     clean_logits, corrupted_logits = model(clean).detach(), model(corrupted).detach()
     ld = patching.logit_diff_metric([5, 7], 9)
-    assert torch.allclose(ld(clean_logits), ((clean_logits[0, -1, 5] - clean_logits[0, -1, 9]) + (clean_logits[1, -1, 7] - clean_logits[1, -1, 9])) / 2)
+    assert torch.allclose(
+        ld(clean_logits),
+        (
+            (clean_logits[0, -1, 5] - clean_logits[0, -1, 9])
+            + (clean_logits[1, -1, 7] - clean_logits[1, -1, 9])
+        )
+        / 2,
+    )
     p = patching.prob_metric(4, position=2, log=True, reduce="none")
     assert torch.allclose(p(clean_logits), clean_logits[:, 2].log_softmax(-1)[:, 4])
     norm = patching.normalized_metric(ld, clean_logits, corrupted_logits)
-    assert torch.allclose(norm(clean_logits), torch.tensor(1.0)) and torch.allclose(norm(corrupted_logits), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(norm(clean_logits), torch.tensor(1.0)) and torch.allclose(
+        norm(corrupted_logits), torch.tensor(0.0), atol=1e-6
+    )
     with pytest.raises(ValueError, match="nothing to normalise by"):
         patching.normalized_metric(ld, clean_logits, clean_logits)
     with pytest.raises(ValueError, match="one per prompt"):
@@ -119,10 +151,14 @@ def test_spec_sweep_matches_the_tl_grid_and_plots(toys, tmp_path) -> None:
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
     full = tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
-    sweep = patching.activation_patch(model, corrupted, cache, metric, "resid_pre", layers="n//2:", positions="-3:", progress=False)
+    sweep = patching.activation_patch(
+        model, corrupted, cache, metric, "resid_pre", layers="n//2:", positions="-3:", progress=False
+    )
     assert sweep.layers == [2, 3] and sweep.positions == [5, 6, 7]
     assert (sweep.values - full[2:, 5:]).abs().max() <= TOL
-    heads = patching.activation_patch(model, corrupted, cache, metric, "z", layers="all", positions=None, heads="all", progress=False)
+    heads = patching.activation_patch(
+        model, corrupted, cache, metric, "z", layers="all", positions=None, heads="all", progress=False
+    )
     ref = tl_patching.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, metric)
     assert heads.axis_names == ("layer", "head") and (heads.values - ref).abs().max() <= TOL
     png = sweep.plot(tmp_path / "sweep.png")
@@ -140,16 +176,34 @@ def test_smollm2_resid_pre_sweep_equals_transformer_lens(smollm2) -> None:
     paris, rome = smollm2.to_single_token(" Paris"), smollm2.to_single_token(" Rome")
     metric = patching.logit_diff_metric(paris, rome)
     index_df = tl_patching.make_df_from_ranges([30, 6], ["layer", "pos"]).iloc[::7]
-    ours = patching.generic_activation_patch(smollm2, corrupted, cache, metric, tl_patching.layer_pos_patch_setter,
-                                             "resid_pre", index_df=index_df, progress=False)
-    ref = tl_patching.generic_activation_patch(smollm2, corrupted, cache, metric, tl_patching.layer_pos_patch_setter,
-                                               "resid_pre", index_df=index_df)
+    ours = patching.generic_activation_patch(
+        smollm2,
+        corrupted,
+        cache,
+        metric,
+        tl_patching.layer_pos_patch_setter,
+        "resid_pre",
+        index_df=index_df,
+        progress=False,
+    )
+    ref = tl_patching.generic_activation_patch(
+        smollm2, corrupted, cache, metric, tl_patching.layer_pos_patch_setter, "resid_pre", index_df=index_df
+    )
     assert (ours - ref).abs().max() <= TOL
     middle = lambda logits: logits[0, 3, 100] - logits[0, 3, 200]  # noqa: E731 - a user metric that reads position 3
-    ours = patching.generic_activation_patch(smollm2, corrupted, cache, middle, tl_patching.layer_pos_patch_setter,
-                                             "resid_pre", index_df=index_df, progress=False)
-    ref = tl_patching.generic_activation_patch(smollm2, corrupted, cache, middle, tl_patching.layer_pos_patch_setter,
-                                               "resid_pre", index_df=index_df)
+    ours = patching.generic_activation_patch(
+        smollm2,
+        corrupted,
+        cache,
+        middle,
+        tl_patching.layer_pos_patch_setter,
+        "resid_pre",
+        index_df=index_df,
+        progress=False,
+    )
+    ref = tl_patching.generic_activation_patch(
+        smollm2, corrupted, cache, middle, tl_patching.layer_pos_patch_setter, "resid_pre", index_df=index_df
+    )
     assert (ours - ref).abs().max() <= TOL and ref.abs().max() > 0.1
     full = patching.get_act_patch_resid_pre(smollm2, corrupted, cache, metric, progress=False)
     assert full.shape == (30, 6)
@@ -176,10 +230,17 @@ def test_smollm2_skipping_path_equals_transformer_lens(smollm2, act, setter, axe
     clean_logits, cache = smollm2.run_with_cache(clean)
     metric = patching.logit_diff_metric(smollm2.to_single_token(" Mary"), smollm2.to_single_token(" John"))
     n_heads = 3 if act in ("k", "v") else 9
-    ranges = {"layer": 30, "pos": clean.shape[1], "dest_pos": clean.shape[1], "head": n_heads, "head_index": n_heads}
+    ranges = {
+        "layer": 30,
+        "pos": clean.shape[1],
+        "dest_pos": clean.shape[1],
+        "head": n_heads,
+        "head_index": n_heads,
+    }
     df = tl_patching.make_df_from_ranges([ranges[a] for a in axes], axes).sample(12, random_state=1)
-    ours = patching.generic_activation_patch(smollm2, corrupted, cache, metric, setter, act, index_df=df,
-                                             progress=False, max_batch=4)
+    ours = patching.generic_activation_patch(
+        smollm2, corrupted, cache, metric, setter, act, index_df=df, progress=False, max_batch=4
+    )
     ref = tl_patching.generic_activation_patch(smollm2, corrupted, cache, metric, setter, act, index_df=df)
     assert patching.fast_path_status(smollm2) == FastPathStatus(layers=True, positions=True, last_only=True)
     assert (ours - ref).abs().max() <= TOL
@@ -204,11 +265,14 @@ def test_unchanged_patches_run_no_forward_and_match_transformer_lens(toys, monke
         return real_forward(run, n, *args, **kwargs)
 
     monkeypatch.setattr(_patch_engine, "_forward", counting_forward)
-    ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False, max_batch=64)
+    ours = patching.get_act_patch_attn_head_out_by_pos(
+        model, corrupted, cache, metric, progress=False, max_batch=64
+    )
     computed = sum(copies)
     copies.clear()
-    full = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False, max_batch=64,
-                                                       skip_unchanged=False)
+    full = patching.get_act_patch_attn_head_out_by_pos(
+        model, corrupted, cache, metric, progress=False, max_batch=64, skip_unchanged=False
+    )
     ref = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     assert computed == n_layers * 3 * n_heads  # positions 4, 5, 6 only
@@ -233,7 +297,11 @@ def _public(module) -> dict:
     out = {}
     for name, obj in vars(module).items():
         base = obj.func if isinstance(obj, functools.partial) else obj
-        if not name.startswith("_") and callable(base) and getattr(base, "__module__", None) == module.__name__:
+        if (
+            not name.startswith("_")
+            and callable(base)
+            and getattr(base, "__module__", None) == module.__name__
+        ):
             out[name] = obj
     return out
 
@@ -246,17 +314,24 @@ def test_public_surface_matches_transformer_lens() -> None:
 
     theirs = _public(tl_patching)
     missing = {name for name in theirs if not hasattr(patching, name)}
-    assert missing == set(KNOWN_GAPS), f"missing: {sorted(missing - set(KNOWN_GAPS))}, now present: {sorted(set(KNOWN_GAPS) - missing)}"
+    assert missing == set(KNOWN_GAPS), (
+        f"missing: {sorted(missing - set(KNOWN_GAPS))}, now present: {sorted(set(KNOWN_GAPS) - missing)}"
+    )
     for name, fn in theirs.items():
         if name in KNOWN_GAPS:
             continue
         tl_params = list(inspect.signature(fn).parameters.values())
         our_params = list(inspect.signature(getattr(patching, name)).parameters.values())
-        assert [(p.name, p.kind) for p in tl_params] == [(p.name, p.kind) for p in our_params[: len(tl_params)]], name
+        assert [(p.name, p.kind) for p in tl_params] == [
+            (p.name, p.kind) for p in our_params[: len(tl_params)]
+        ], name
         for t, o in zip(tl_params, our_params):
             if t.default is not inspect.Parameter.empty:
-                assert o.default == t.default or (callable(t.default) and o.default is t.default), (name, t.name)
-        extra = our_params[len(tl_params):]
+                assert o.default == t.default or (callable(t.default) and o.default is t.default), (
+                    name,
+                    t.name,
+                )
+        extra = our_params[len(tl_params) :]
         assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in extra), (name, [p.name for p in extra])
 
 
@@ -267,9 +342,11 @@ def test_every_helpers_with_result_forms_equal_transformer_lens(toys) -> None:
     clean, corrupted = _pair(model, 5, batch=2, pos=5)
     clean_logits, cache = model.run_with_cache(clean)
     per_example = patching.logit_diff_metric(clean_logits[:, -1].argmax(-1), 0, reduce="none")
-    for fn, kwargs in (("get_act_patch_block_every", {"baseline": True, "reduce": "mean"}),
-                       ("get_act_patch_attn_head_all_pos_every", {"reduce": "none"}),
-                       ("get_act_patch_attn_head_by_pos_every", {"reduce": "none", "baseline": True})):
+    for fn, kwargs in (
+        ("get_act_patch_block_every", {"baseline": True, "reduce": "mean"}),
+        ("get_act_patch_attn_head_all_pos_every", {"reduce": "none"}),
+        ("get_act_patch_attn_head_by_pos_every", {"reduce": "none", "baseline": True}),
+    ):
         ours = getattr(patching, fn)(model, corrupted, cache, per_example, progress=False, **kwargs)
         ref = getattr(tl_patching, fn)(model, corrupted, cache, per_example, **kwargs)
         assert isinstance(ours, tl_patching.PatchingResult), fn

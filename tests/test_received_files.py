@@ -45,8 +45,12 @@ def test_a_payload_shipped_in_the_folder_never_runs(tmp_path, toys, monkeypatch)
     model = toys["ln"]
     folder = _saved(tmp_path, model)
     marker = tmp_path / "pwned"
-    (folder / "payload.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef run(x, hook):\n    return x\n")
-    (tmp_path / "payload_top.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef run(x, hook):\n    return x\n")
+    (folder / "payload.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\ndef run(x, hook):\n    return x\n"
+    )
+    (tmp_path / "payload_top.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\ndef run(x, hook):\n    return x\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("received.payload:run", "payload_top:run", "os:system", "subprocess:run"):
@@ -73,11 +77,20 @@ def test_a_payload_shipped_in_the_folder_never_runs(tmp_path, toys, monkeypatch)
         (lambda m: m["model"].__setitem__("d_model", "32"), "'model' must give the integers"),
         (lambda m: m.__setitem__("edits", {"a": 1}), "'edits' must be a list"),
         (lambda m: m["edits"][1].pop("alpha"), "must have exactly the fields"),
-        (lambda m: m["edits"][1].__setitem__("alpha", float("nan")), "field 'alpha' has the wrong type or value"),
+        (
+            lambda m: m["edits"][1].__setitem__("alpha", float("nan")),
+            "field 'alpha' has the wrong type or value",
+        ),
         (lambda m: m["edits"][1].__setitem__("hooks", []), "'hooks' must be a non-empty list"),
         (lambda m: m["edits"][1].__setitem__("kind", "exec"), "unknown kind"),
-        (lambda m: m["edits"][1].__setitem__("values", {"blocks.0.hook_resid_post": "elsewhere"}), "does not hold"),
-        (lambda m: m["edits"][1].__setitem__("hooks", ["blocks.9.hook_resid_post"]), "does not fit this model"),
+        (
+            lambda m: m["edits"][1].__setitem__("values", {"blocks.0.hook_resid_post": "elsewhere"}),
+            "does not hold",
+        ),
+        (
+            lambda m: m["edits"][1].__setitem__("hooks", ["blocks.9.hook_resid_post"]),
+            "does not fit this model",
+        ),
         (lambda m: m.__setitem__("version", 99), "unknown format or version"),
     ],
 )
@@ -105,15 +118,22 @@ def test_tampered_circuit_masks_are_a_clear_error(tmp_path, toys):
     from minterp_tl.circuits import CircuitConfig, CircuitModel
 
     model = toys["ln"]
-    cfg = CircuitConfig(mask_hparams=dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=1.0),
-                        target_layers=("attn.W_O",))
+    cfg = CircuitConfig(
+        mask_hparams=dict(ablation="none", mask_unit="head", mask_bias=False, mask_init_value=1.0),
+        target_layers=("attn.W_O",),
+    )
     with CircuitModel(cfg, model) as circuit:
         circuit.write_masks(tmp_path / "m")
     store = StateStore(tmp_path / "m")
     meta, tensors = store.metadata, store.load()
-    for config in ("{", "[" * 50_000, json.dumps({"target_layers": 5}), json.dumps({"target_layers": [[1, 2]]}),
-                   json.dumps({"target_layers": ["attn.W_O"], "mask_method": "exec"}),
-                   json.dumps({"target_layers": ["attn.W_O"], "mask_hparams": []})):
+    for config in (
+        "{",
+        "[" * 50_000,
+        json.dumps({"target_layers": 5}),
+        json.dumps({"target_layers": [[1, 2]]}),
+        json.dumps({"target_layers": ["attn.W_O"], "mask_method": "exec"}),
+        json.dumps({"target_layers": ["attn.W_O"], "mask_hparams": []}),
+    ):
         store.save(tensors, {**meta, "config": config})
         with pytest.raises(ValueError):
             CircuitModel.read(tmp_path / "m", model)

@@ -63,7 +63,11 @@ def reference_graph(model, tokens: list[int], tau: float) -> dict[tuple[str, str
             for s, c in zip(keys, shares[:-1]):
                 add(src(s), f"A{layer}_{t}", c)
             add(src(t), f"A{layer}_{t}", shares[-1])
-            mlp_out = torch.zeros_like(post[t]) if model.cfg.attn_only else cache[f"blocks.{layer}.hook_mlp_out"][0, t]
+            mlp_out = (
+                torch.zeros_like(post[t])
+                if model.cfg.attn_only
+                else cache[f"blocks.{layer}.hook_mlp_out"][0, t]
+            )
             c_ffn, c_res = _shares([mlp_out, mid[t]], post[t], tau)
             add(f"A{layer}_{t}", f"M{layer}_{t}", c_ffn)
             add(f"M{layer}_{t}", f"I{layer}_{t}", c_ffn)
@@ -104,7 +108,9 @@ def test_head_breakdown_and_chunking(toys):
         for s in range(t + 1):
             data = graph.edges[f"I1_{s}", f"A2_{t}"]
             assert data["heads"] == pytest.approx(c_attn[t, s].tolist(), abs=1e-7)
-            assert data["weight"] == pytest.approx(sum(data["heads"]) + (float(c_resid[t]) if s == t else 0.0), abs=1e-6)
+            assert data["weight"] == pytest.approx(
+                sum(data["heads"]) + (float(c_resid[t]) if s == t else 0.0), abs=1e-6
+            )
     # every representation's shares sum to 1: in-edges of A and I nodes
     for node, d in graph.nodes(data=True):
         if d["kind"] in ("A", "I"):
@@ -144,7 +150,9 @@ def test_contribution_formulas_by_hand():
     # |w|_1 = 2; |w - p|_1 = 1, 1, 4  ->  1, 1, floor 1e-5
     c = routes.contributions(parts, whole)
     assert c.tolist() == pytest.approx([1 / (2 + 1e-5), 1 / (2 + 1e-5), 1e-5 / (2 + 1e-5)], rel=1e-6)
-    blocks, resid = routes.threshold_and_renormalize(torch.tensor([[0.5, 0.03, 0.17]]), torch.tensor([0.3]), 0.04)
+    blocks, resid = routes.threshold_and_renormalize(
+        torch.tensor([[0.5, 0.03, 0.17]]), torch.tensor([0.3]), 0.04
+    )
     assert blocks.tolist()[0] == pytest.approx([0.5 / 0.97, 0.0, 0.17 / 0.97])
     assert resid.tolist() == pytest.approx([0.3 / 0.97])
     with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\)"):
@@ -234,7 +242,9 @@ def test_json_round_trip_and_png(ln_graph, tmp_path):
     path = routes.save_json(ln_graph, tmp_path / "routes.json")
     assert os.listdir(tmp_path) == ["routes.json"]  # no temporary file left behind
     data = json.loads(path.read_text())
-    assert data["n_layers"] == 4 and data["n_tokens"] == 5 and len(data["edges"]) == ln_graph.number_of_edges()
+    assert (
+        data["n_layers"] == 4 and data["n_tokens"] == 5 and len(data["edges"]) == ln_graph.number_of_edges()
+    )
     back = routes.load_json(path)
     assert set(back.edges) == set(ln_graph.edges)
     assert all(back.edges[e] == ln_graph.edges[e] for e in ln_graph.edges)

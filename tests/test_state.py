@@ -17,7 +17,6 @@ from minterp_tl.state import (
     StateManager,
 )
 
-
 # ---- transforms --------------------------------------------------------------------------------
 
 
@@ -83,7 +82,9 @@ def test_manager_put_get_pop_drop_and_bytes() -> None:
 def test_manager_missing_key_lists_the_closest() -> None:
     sm = StateManager()
     sm.put("blocks.3.hook_resid_pre", torch.zeros(1))
-    with pytest.raises(ValueError, match=r"No saved state 'blocks\.3\.hook_resid_post'.*blocks\.3\.hook_resid_pre"):
+    with pytest.raises(
+        ValueError, match=r"No saved state 'blocks\.3\.hook_resid_post'.*blocks\.3\.hook_resid_pre"
+    ):
         sm.get("blocks.3.hook_resid_post")
     with pytest.raises(ValueError, match=r"No StateConfig for phase 'corupt'.*Did you mean \['corrupt'\]"):
         StateManager({"corrupt": StateConfig()}).config("corupt")
@@ -98,13 +99,19 @@ def test_concat_appends_along_the_batch_and_checks_shapes() -> None:
     assert torch.equal(sm.get("h"), torch.cat([x, y]))
     assert sm.entry("h").positions.tolist() == [[1], [2], [0], [0], [0], [0]]
     with pytest.raises(ValueError, match="all axes but the batch must agree"):
-        sm.set(SavedState(torch.randn(1, 2, 3), "h", positions=torch.tensor([[0, 1]]), pos_axis=1), concat=True)
+        sm.set(
+            SavedState(torch.randn(1, 2, 3), "h", positions=torch.tensor([[0, 1]]), pos_axis=1), concat=True
+        )
 
 
 def test_activation_cache_round_trip_loses_nothing() -> None:
     sm = StateManager()
     z = torch.randn(2, 1, 2, 8)
-    sm.set(SavedState(z, "blocks.1.attn.hook_z", "", torch.tensor([[3], [4]]), (0, 2), 1, 2, (("a",) * 5, ("b",) * 5)))
+    sm.set(
+        SavedState(
+            z, "blocks.1.attn.hook_z", "", torch.tensor([[3], [4]]), (0, 2), 1, 2, (("a",) * 5, ("b",) * 5)
+        )
+    )
     sm.put("blocks.0.hook_resid_pre", torch.randn(2, 5, 16), pos_axis=1)
     sm.put("other", torch.randn(3), tag="t")
     cache = sm.to_activation_cache(model=None)
@@ -115,8 +122,15 @@ def test_activation_cache_round_trip_loses_nothing() -> None:
         a, b = sm.entry(name), back.entry(name)
         assert torch.equal(a.tensor, b.tensor)
         assert (a.positions is None and b.positions is None) or torch.equal(a.positions, b.positions)
-        assert (a.heads, a.pos_axis, a.head_axis, a.str_tokens) == (b.heads, b.pos_axis, b.head_axis, b.str_tokens)
+        assert (a.heads, a.pos_axis, a.head_axis, a.str_tokens) == (
+            b.heads,
+            b.pos_axis,
+            b.head_axis,
+            b.str_tokens,
+        )
     # a plain dict of full activations takes the standard layout of each hook
-    plain = StateManager.from_activation_cache({"blocks.0.attn.hook_pattern": torch.randn(1, 4, 5, 5)}, tag="x")
+    plain = StateManager.from_activation_cache(
+        {"blocks.0.attn.hook_pattern": torch.randn(1, 4, 5, 5)}, tag="x"
+    )
     e = plain.entry("blocks.0.attn.hook_pattern", tag="x")
     assert (e.pos_axis, e.head_axis, e.positions, e.heads) == (2, 1, None, None)

@@ -137,9 +137,7 @@ def test_save_again_rewrites_only_what_changed(tmp_path):
     assert report.unchanged == [f"t{i}" for i in range(10) if i not in (3, 7)]
     assert report.removed == ["t7"]
     manifest_bytes = (tmp_path / "manifest.json").stat().st_size
-    new_objects = sum(
-        p.stat().st_size for p in (tmp_path / "objects").iterdir() if p.name not in mtimes
-    )
+    new_objects = sum(p.stat().st_size for p in (tmp_path / "objects").iterdir() if p.name not in mtimes)
     assert report.bytes_written == new_objects + manifest_bytes
     assert new_objects < 64 * 64 * 4 + 1000
     for p in (tmp_path / "objects").iterdir():  # unchanged files were not touched
@@ -388,10 +386,16 @@ def test_state_manager_write_read_round_trip(tmp_path, toys):
     from minterp_tl.wrapper import ModelWrapper
 
     model = toys["ln"]
-    sm = StateManager({"clean": StateConfig(save=[
-        SaveRule("resid_pre", layers=[0, 2], positions="last", tag="clean"),
-        SaveRule("z", layers=1, heads=[1, 3], tag="clean"),
-    ])})
+    sm = StateManager(
+        {
+            "clean": StateConfig(
+                save=[
+                    SaveRule("resid_pre", layers=[0, 2], positions="last", tag="clean"),
+                    SaveRule("z", layers=1, heads=[1, 3], tag="clean"),
+                ]
+            )
+        }
+    )
     ctx = RepresentationContext(prompts=torch.randint(0, model.cfg.d_vocab, (2, 6)))
     ModelWrapper(model).run(ctx, sm, phase="clean")
     sm.put("steer", torch.randn(model.cfg.d_model).to(torch.bfloat16))
@@ -405,7 +409,12 @@ def test_state_manager_write_read_round_trip(tmp_path, toys):
         assert (a.positions is None) == (b.positions is None)
         if a.positions is not None:
             assert torch.equal(a.positions, b.positions)
-        assert (a.heads, a.pos_axis, a.head_axis, a.str_tokens) == (b.heads, b.pos_axis, b.head_axis, b.str_tokens)
+        assert (a.heads, a.pos_axis, a.head_axis, a.str_tokens) == (
+            b.heads,
+            b.pos_axis,
+            b.head_axis,
+            b.str_tokens,
+        )
     # saving again after one change rewrites only that state
     sm.put("steer", torch.zeros(model.cfg.d_model))
     again = sm.write(tmp_path / "sm")

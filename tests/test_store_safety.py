@@ -44,7 +44,9 @@ def test_links_inside_a_store_are_refused_and_never_followed(tmp_path, link):
     for action in (lambda: StateStore(root).save({"b": _t(2)}), lambda: StateStore(root).load()):
         with pytest.raises(ValueError, match="symbolic link"):
             action()
-    assert sorted(p.name for p in (tmp_path / "other" / "objects").iterdir()) == other_objects  # nothing collected
+    assert (
+        sorted(p.name for p in (tmp_path / "other" / "objects").iterdir()) == other_objects
+    )  # nothing collected
     assert not (tmp_path / "outside-lock").exists()  # nothing created outside
     assert torch.equal(other.load()["keep"], _t(1))
 
@@ -79,8 +81,11 @@ def test_a_malformed_manifest_is_a_clear_error(tmp_path, change, message):
     manifest = _manifest(root)
     change(manifest["tensors"]["a"])
     _write_manifest(root, manifest)
-    for action in (lambda: StateStore(root).load(), lambda: StateStore(root).lazy(),
-                   lambda: StateStore(root).save({"a": _t(0)})):
+    for action in (
+        lambda: StateStore(root).load(),
+        lambda: StateStore(root).lazy(),
+        lambda: StateStore(root).save({"a": _t(0)}),
+    ):
         with pytest.raises(ValueError, match=message):
             action()
 
@@ -89,9 +94,12 @@ def test_other_manifest_damage_is_a_clear_error(tmp_path):
     root = tmp_path / "s"
     StateStore(root).save({"a": _t(0)})
     good = _manifest(root)
-    for text, message in ((json.dumps({**good, "tensors": []}), "'tensors' must be a mapping"),
-                          (json.dumps({**good, "metadata": {"a": 1}}), "'metadata' must map"),
-                          ("[" * 100_000, "unreadable"), ("{", "unreadable")):
+    for text, message in (
+        (json.dumps({**good, "tensors": []}), "'tensors' must be a mapping"),
+        (json.dumps({**good, "metadata": {"a": 1}}), "'metadata' must map"),
+        ("[" * 100_000, "unreadable"),
+        ("{", "unreadable"),
+    ):
         (root / "manifest.json").write_text(text)
         with pytest.raises(ValueError, match=message):
             StateStore(root).load()
@@ -102,8 +110,12 @@ def test_saving_deletes_only_what_the_store_made(tmp_path):
     store's (a '.tmp-' name, a 64-hex object name no manifest of this store named)."""
     root = tmp_path / "s"
     (root / "objects").mkdir(parents=True)
-    mine = {root / ".tmp-notes.txt": b"notes", root / "objects" / ("ab" * 32 + ".safetensors"): b"user data",
-            root / "objects" / ".tmp-draft": b"draft", root / "readme.md": b"hello"}
+    mine = {
+        root / ".tmp-notes.txt": b"notes",
+        root / "objects" / ("ab" * 32 + ".safetensors"): b"user data",
+        root / "objects" / ".tmp-draft": b"draft",
+        root / "readme.md": b"hello",
+    }
     for path, data in mine.items():
         path.write_bytes(data)
     store = StateStore(root)

@@ -29,7 +29,8 @@ def _mid_name(model, layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post" if model.cfg.attn_only else f"blocks.{layer}.hook_resid_mid"
 
 
-# Two prompts of different lengths: the second is padded on the right, so batch_i = 1 and padding are exercised.
+# Two prompts of different lengths: the second is padded on the right, so batch_i = 1 and padding are
+# exercised.
 PROMPTS = [[3, 17, 5, 42, 8, 1, 30], [11, 2, 29, 7, 40]]
 
 
@@ -94,7 +95,10 @@ def test_block_identities(kind, toy_runs, smol_run):
             decomposed = llm.decomposed_attn(b, layer)[:n, :n]  # [target, source, head, d_model]
             assert close(decomposed.sum((1, 2)) + llm.attention_output_bias(layer), attn_out)
             assert close(llm.residual_in(layer)[b, :n] + attn_out, llm.residual_after_attn(layer)[b, :n])
-            assert close(llm.residual_after_attn(layer)[b, :n] + llm.ffn_out(layer)[b, :n], llm.residual_out(layer)[b, :n])
+            assert close(
+                llm.residual_after_attn(layer)[b, :n] + llm.ffn_out(layer)[b, :n],
+                llm.residual_out(layer)[b, :n],
+            )
         last = model.cfg.n_layers - 1
         for pos in range(n):
             assert close(llm.unembed(llm.residual_out(last)[b, pos], normalize=True), llm.logits()[b, pos])

@@ -36,12 +36,18 @@ def _patched(model, tokens, name, fn):
 def test_declared_patch_equals_hand_written_patch_on_toys(toy, state, layer) -> None:
     clean, corrupt = _tokens(0), _tokens(1)
     ctx = RepresentationContext(clean, layers=layer, positions=[5, -1], hooks=(state,))
-    res = Experiment(toy, [
-        Phase("clean", ctx, StateConfig(save=True)),
-        Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True)),
-    ]).run()
+    res = Experiment(
+        toy,
+        [
+            Phase("clean", ctx, StateConfig(save=True)),
+            Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True)),
+        ],
+    ).run()
 
-    name = f"blocks.{layer % 4}." + {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "resid_post": "hook_resid_post"}[state]
+    name = (
+        f"blocks.{layer % 4}."
+        + {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "resid_post": "hook_resid_post"}[state]
+    )
     src = _cache(toy, clean, name)
 
     def patch(act):
@@ -58,7 +64,9 @@ def test_declared_patch_equals_hand_written_patch_on_toys(toy, state, layer) -> 
 def test_per_head_patch_of_z_equals_hand_written(toy) -> None:
     clean, corrupt = _tokens(2), _tokens(3)
     ctx = RepresentationContext(clean, layers=1, positions="last", heads=[3, 1], hooks=("z",))
-    res = Experiment(toy, [Phase("clean", ctx), Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True))]).run()
+    res = Experiment(
+        toy, [Phase("clean", ctx), Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True))]
+    ).run()
     src = _cache(toy, clean, "blocks.1.attn.hook_z")
 
     def patch(act):
@@ -96,15 +104,25 @@ def test_position_map_save_at_5_load_at_7(toys) -> None:
     expected = _patched(model, corrupt, name, patch)
     ctx = RepresentationContext(clean, layers=2, hooks=("resid_pre",))
     # 1. save only position 5, load it at position 7
-    a = Experiment(model, [
-        Phase("clean", ctx, StateConfig(save=SaveRule(positions=5))),
-        Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=LoadRule(positions=7))),
-    ]).run()
+    a = Experiment(
+        model,
+        [
+            Phase("clean", ctx, StateConfig(save=SaveRule(positions=5))),
+            Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=LoadRule(positions=7))),
+        ],
+    ).run()
     # 2. save every position, choose the source position when loading
-    b = Experiment(model, [
-        Phase("clean", ctx, StateConfig(save=True)),
-        Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=LoadRule(positions=7, source_positions=5))),
-    ]).run()
+    b = Experiment(
+        model,
+        [
+            Phase("clean", ctx, StateConfig(save=True)),
+            Phase(
+                "patched",
+                ctx.clone(prompts=corrupt),
+                StateConfig(load=LoadRule(positions=7, source_positions=5)),
+            ),
+        ],
+    ).run()
     assert torch.equal(a["patched"].logits, expected)
     assert torch.equal(b["patched"].logits, expected)
 
@@ -119,30 +137,47 @@ def test_source_layers_map_and_missing_source_position(toys) -> None:
 
     expected = _patched(model, corrupt, "blocks.2.hook_resid_pre", patch)
     ctx = RepresentationContext(clean, layers=0, positions=4, hooks=("resid_post",))
-    res = Experiment(model, [
-        Phase("clean", ctx),
-        Phase("patched", ctx.clone(prompts=corrupt, layers=2, hooks=("resid_pre",)),
-              StateConfig(load=LoadRule(source_layers=0, source=None, hook="resid_pre"))),
-    ])
+    res = Experiment(
+        model,
+        [
+            Phase("clean", ctx),
+            Phase(
+                "patched",
+                ctx.clone(prompts=corrupt, layers=2, hooks=("resid_pre",)),
+                StateConfig(load=LoadRule(source_layers=0, source=None, hook="resid_pre")),
+            ),
+        ],
+    )
     # resid_pre at layer 2 is read from resid_pre saved at layer 0, which was not saved: clear error
-    with pytest.raises(ValueError, match=r"No saved state 'blocks\.0\.hook_resid_pre'.*blocks\.0\.hook_resid_post"):
+    with pytest.raises(
+        ValueError, match=r"No saved state 'blocks\.0\.hook_resid_pre'.*blocks\.0\.hook_resid_post"
+    ):
         res.run()
     sm = StateManager()
     w = ModelWrapper(model)
     w.run(ctx, sm)
-    sm.put("blocks.0.hook_resid_pre", sm.get("blocks.0.hook_resid_post"), positions=sm.entry("blocks.0.hook_resid_post").positions, pos_axis=1)
+    sm.put(
+        "blocks.0.hook_resid_pre",
+        sm.get("blocks.0.hook_resid_post"),
+        positions=sm.entry("blocks.0.hook_resid_post").positions,
+        pos_axis=1,
+    )
     sm.configure("p", StateConfig(load=LoadRule("resid_pre", layers=2, source_layers=0)))
     out = w.run(ctx.clone(prompts=corrupt), sm, phase="p")
     assert torch.equal(out.logits, expected)
     sm.configure("q", StateConfig(load=LoadRule("resid_post", layers=0, positions=4, source_positions=3)))
-    with pytest.raises(ValueError, match=r"source position\(s\) \[3\] of prompt 0 were not saved \(saved positions: \[4\]\)"):
+    with pytest.raises(
+        ValueError, match=r"source position\(s\) \[3\] of prompt 0 were not saved \(saved positions: \[4\]\)"
+    ):
         w.run(ctx.clone(prompts=corrupt), sm, phase="q")
 
 
 def test_steering_vector_add_with_scale(toys) -> None:
     model, tokens = toys["gqa"], _tokens(9)
     v = torch.randn(32, generator=torch.Generator().manual_seed(0))
-    sm = StateManager({"steer": StateConfig(load=LoadRule(source="honesty", mode="add", transform=Scale(3.0)))})
+    sm = StateManager(
+        {"steer": StateConfig(load=LoadRule(source="honesty", mode="add", transform=Scale(3.0)))}
+    )
     sm.put("honesty", v)
     ctx = RepresentationContext(tokens, layers="first_half", positions="2:", hooks=("resid_post",))
     out = ModelWrapper(model).run(ctx, sm, phase="steer")
@@ -153,7 +188,9 @@ def test_steering_vector_add_with_scale(toys) -> None:
         return act
 
     with torch.no_grad():
-        expected = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.hook_resid_post", steer) for l in (0, 1)])
+        expected = model.run_with_hooks(
+            tokens, fwd_hooks=[(f"blocks.{l}.hook_resid_post", steer) for l in (0, 1)]
+        )
     assert torch.equal(out.logits, expected)
     assert "honesty" in sm  # put states stay unless popped
 
@@ -168,20 +205,29 @@ def test_mean_ablation_from_a_reference_batch(toys) -> None:
 
     expected = _patched(model, tokens, "blocks.1.attn.hook_z", ablate)
     ctx = RepresentationContext(ref, layers=1, hooks=("z",), name="ref")
-    res = Experiment(model, [
-        Phase("ref", ctx),
-        Phase("ablate", ctx.clone(prompts=tokens), StateConfig(load=LoadRule(heads=2, transform=MeanOverBatch(), pop=True))),
-    ]).run()
+    res = Experiment(
+        model,
+        [
+            Phase("ref", ctx),
+            Phase(
+                "ablate",
+                ctx.clone(prompts=tokens),
+                StateConfig(load=LoadRule(heads=2, transform=MeanOverBatch(), pop=True)),
+            ),
+        ],
+    ).run()
     assert torch.allclose(res["ablate"].logits, expected, atol=1e-6, rtol=0)
     assert len(res.manager) == 0  # popped after use
 
 
 def test_concat_collects_over_runs_and_drop_forgets(toys) -> None:
     model, a, b = toys["ln"], _tokens(12, batch=2), _tokens(13, batch=4)
-    sm = StateManager({
-        "collect": StateConfig(save=SaveRule(concat=True)),
-        "forget": StateConfig(drop=("blocks.1.hook_resid_post",)),
-    })
+    sm = StateManager(
+        {
+            "collect": StateConfig(save=SaveRule(concat=True)),
+            "forget": StateConfig(drop=("blocks.1.hook_resid_post",)),
+        }
+    )
     w = ModelWrapper(model)
     ctx = RepresentationContext(a, layers=[1, 3], positions="last")
     w.run(ctx, sm, phase="collect")
@@ -214,7 +260,9 @@ def test_hooks_are_removed_when_a_run_fails(toys) -> None:
     model, tokens = toys["ln"], _tokens(15)
     sm = StateManager({"bad": StateConfig(load=LoadRule("resid_pre", source="v"))})
     sm.put("v", torch.zeros(5))  # fails inside the forward pass: 5 does not broadcast to d_model=32
-    with pytest.raises(ValueError, match=r"Cannot load v into blocks\.1\.hook_resid_pre: value of shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"Cannot load v into blocks\.1\.hook_resid_pre: value of shape \(5,\)"
+    ):
         ModelWrapper(model).run(RepresentationContext(tokens, layers=1), sm, phase="bad")
     assert all(not hp._forward_hooks for hp in model.hook_dict.values())
 
@@ -222,11 +270,13 @@ def test_hooks_are_removed_when_a_run_fails(toys) -> None:
 def test_clear_errors_for_bad_loads(toys) -> None:
     model = toys["ln"]
     w = ModelWrapper(model)
-    sm = StateManager({
-        "save": StateConfig(save=True),
-        "load": StateConfig(load=True),
-        "heads": StateConfig(load=LoadRule(heads=1)),
-    })
+    sm = StateManager(
+        {
+            "save": StateConfig(save=True),
+            "load": StateConfig(load=True),
+            "heads": StateConfig(load=LoadRule(heads=1)),
+        }
+    )
     w.run(RepresentationContext(_tokens(0, batch=3), layers=1), sm, phase="save")
     with pytest.raises(ValueError, match=r"value of shape \(3, 9, 32\).*region of shape \(2, 9, 32\)"):
         w.run(RepresentationContext(_tokens(1, batch=2), layers=1), sm, phase="load")
@@ -237,7 +287,11 @@ def test_clear_errors_for_bad_loads(toys) -> None:
     with pytest.raises(ValueError, match=r"hook_result.*set_use_attn_result\(True\)"):
         w.run(RepresentationContext(_tokens(1), layers=1, hooks=("result",)))
     with pytest.raises(ValueError, match="same state"):
-        w.run(RepresentationContext(_tokens(1), layers=1), StateManager({"d": StateConfig(save=["resid_pre", "resid_pre"])}), phase="d")
+        w.run(
+            RepresentationContext(_tokens(1), layers=1),
+            StateManager({"d": StateConfig(save=["resid_pre", "resid_pre"])}),
+            phase="d",
+        )
 
 
 # ---- SmolLM2 ------------------------------------------------------------------------------------
@@ -245,11 +299,16 @@ def test_clear_errors_for_bad_loads(toys) -> None:
 
 def test_declared_patch_equals_hand_written_patch_on_smollm2(smollm2) -> None:
     clean, corrupt = "The capital of France is", "The capital of Italy is"
-    ctx = RepresentationContext(clean, layers=[6, 20], positions=Token(" France"), hooks=("resid_pre", "attn_out"))
-    res = Experiment(smollm2, [
-        Phase("clean", ctx),
-        Phase("patched", ctx.clone(prompts=corrupt, positions=Token(" Italy")), StateConfig(load=True)),
-    ]).run()
+    ctx = RepresentationContext(
+        clean, layers=[6, 20], positions=Token(" France"), hooks=("resid_pre", "attn_out")
+    )
+    res = Experiment(
+        smollm2,
+        [
+            Phase("clean", ctx),
+            Phase("patched", ctx.clone(prompts=corrupt, positions=Token(" Italy")), StateConfig(load=True)),
+        ],
+    ).run()
     assert res["clean"].batch.str_tokens[0][4] == " France"
     clean_t, corrupt_t = smollm2.to_tokens(clean), smollm2.to_tokens(corrupt)
     names = [f"blocks.{l}.{h}" for l in (6, 20) for h in ("hook_resid_pre", "hook_attn_out")]
@@ -260,6 +319,7 @@ def test_declared_patch_equals_hand_written_patch_on_smollm2(smollm2) -> None:
             act = act.clone()
             act[:, 4] = cache[name][:, 4]
             return act
+
         return fn
 
     with torch.no_grad():
@@ -275,7 +335,9 @@ def test_declared_patch_equals_hand_written_patch_on_smollm2(smollm2) -> None:
 def test_patching_every_position_at_layer_0_restores_clean_logits(smollm2) -> None:
     clean, corrupt = "The capital of France is", "The capital of Italy is"
     ctx = RepresentationContext(clean, layers=0, hooks=("resid_pre",))
-    res = Experiment(smollm2, [Phase("clean", ctx), Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True))]).run()
+    res = Experiment(
+        smollm2, [Phase("clean", ctx), Phase("patched", ctx.clone(prompts=corrupt), StateConfig(load=True))]
+    ).run()
     assert torch.equal(res["patched"].logits, res["clean"].logits)
 
 
@@ -286,7 +348,9 @@ def test_ragged_batch_last_position_and_logit_lens(smollm2) -> None:
     assert out.batch.lengths == tuple(len(smollm2.to_str_tokens(p)) for p in prompts)
     lens = out.stack("resid_post")  # [layer, batch, 1, d_model]
     assert lens.shape == (30, 3, 1, 576)
-    _, batched = smollm2.run_with_cache(out.batch.tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
+    _, batched = smollm2.run_with_cache(
+        out.batch.tokens, names_filter=lambda n: n.endswith("hook_resid_post")
+    )
     for i, p in enumerate(prompts):
         last = out.batch.lengths[i] - 1
         for layer in (0, 10, 29):  # each prompt's own last token, read out of the padded batch

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 from minterp_tl._checks import did_you_mean
 from minterp_tl.circuits.masks import (
@@ -26,7 +27,11 @@ from minterp_tl.circuits.masks import (
 from minterp_tl.specs import SpecLike, check_spec
 
 ABLATIONS: tuple[str, ...] = (
-    "none", "zero_ablate", "random_ablate", "randomly_sampled", "complement_sampled"
+    "none",
+    "zero_ablate",
+    "random_ablate",
+    "randomly_sampled",
+    "complement_sampled",
 )
 MASK_UNITS: tuple[str, ...] = ("weight", "neuron", "head")
 

@@ -50,6 +50,7 @@ _SAMPLED: tuple[str, ...] = ("randomly_sampled", "complement_sampled")
 
 
 class _MaskLayer(nn.Module):
+    linear: nn.Linear  # or a Conv1D: held by reference, not registered (set in __init__)
     """The mask of one targeted ``nn.Linear`` (its logits or pruning mask, and the ablation state).
 
     The linear module is held by reference (not registered as a submodule), so the mask layer's
@@ -219,7 +220,7 @@ class _MaskLayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
 
-    def masked_parameters(self) -> tuple[Float[Tensor, "d_out d_in"], Optional[Float[Tensor, "d_out"]]]:
+    def masked_parameters(self) -> tuple[Float[Tensor, "d_out d_in"], Optional[Float[Tensor, d_out]]]:
         """The weight (``[out, in]``) and bias the masked ``nn.Linear`` uses now."""
         weight, bias = self.weight(), self.linear.bias
         m = self._expand(self.mask("weight")).to(weight.dtype)

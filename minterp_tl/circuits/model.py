@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import os
 import types
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -66,7 +67,7 @@ class CircuitModel(nn.Module):
         self.model = model
         self.method: MaskMethod = config.method
         self.names: list[str] = []
-        self.mask_layers = nn.ModuleDict()
+        self.mask_layers: dict[str, _MaskLayer] = nn.ModuleDict()  # type: ignore[assignment]
         self._generator = torch.Generator().manual_seed(0)
         self._attached = False
         for name, (linear, side, group) in _resolve_targets(config, model).items():
@@ -88,7 +89,7 @@ class CircuitModel(nn.Module):
         for layer in self._layers():
             linear = layer.linear
             object.__setattr__(linear, "_minterp_circuit_mask", layer)
-            linear.forward = types.MethodType(_masked_forward, linear)
+            linear.forward = types.MethodType(_masked_forward, linear)  # type: ignore[method-assign]
         self._attached = True
 
     def detach(self) -> TransformerBridge:
@@ -473,7 +474,7 @@ def _linear(block: nn.Module, path: str) -> Optional[nn.Linear]:
             f"CircuitModel: {path} of this model is a {type(linear).__name__}, not an nn.Linear or a Conv1D; "
             f"masks support those weights only"
         )
-    return linear
+    return linear  # type: ignore[return-value]
 
 
 def _group(model: TransformerBridge, weight: str, unit: str, target: str) -> int:
@@ -502,7 +503,8 @@ def _all_modules(model: nn.Module) -> list[nn.Module]:
 
 def _masked_forward(self: nn.Linear, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
     """The ``forward`` a CircuitModel installs on a targeted ``nn.Linear`` (``self`` is the linear)."""
-    return self._minterp_circuit_mask(x)
+    mask: _MaskLayer = self._minterp_circuit_mask
+    return mask(x)
 
 
 def _key(name: str) -> str:

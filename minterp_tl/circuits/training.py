@@ -8,9 +8,10 @@ bar (``progress=False`` turns it off), and a history with a PNG plot.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float
