@@ -45,7 +45,6 @@ from __future__ import annotations
 import difflib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -59,97 +58,38 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-import xxhash
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import Tensor
 
+from minterp_tl._store_format import (
+    DTYPE_NAMES,
+    DTYPES,
+    HASH_RE,
+    OBJECTS,
+    TENSOR_KEY,
+    TMP_MARK,
+    check_manifest,
+    check_metadata,
+    decode_object,
+    dtype_name,
+    fsync_dir,
+    read_no_follow,
+    tensor_fingerprint,
+    tensor_hash,
+    write_atomic,
+)
+
 FORMAT = "minterp_tl.store"
 VERSION = 1
 MANIFEST = "manifest.json"
-OBJECTS = "objects"
 LOCK = ".lock"
-_TENSOR_KEY = "tensor"
-_HASH_PREFIX = b"minterp_tl.tensor_hash.v1"
-_HASH = re.compile(r"[0-9a-f]{64}")
-_XXH3 = re.compile(r"[0-9a-f]{32}")
-_TMP_MARK = ".tmp-"
 # The only temporary names a store creates (and so the only ones it deletes): ".tmp-<16 hex>-" + the final
 # name (the manifest or an object) or "pending.json" (a writer's list of the objects it is adding).
 _TMP_NAME = re.compile(r"\.tmp-[0-9a-f]{16}-(?:manifest\.json|pending\.json|[0-9a-f]{64}\.safetensors)")
 _PENDING = "pending.json"
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
-
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Hashing
-# --------------------------------------------------------------------------------------------------
-
-
-def _dtype_name(dtype: torch.dtype, what: str = "tensor") -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        raise ValueError(
-            f"{what} has dtype {dtype}, which the store cannot hold; supported dtypes: "
-            f"{sorted(_DTYPES)}."
-        )
-    return name
-
-
-def _raw_bytes(t: Tensor) -> Any:
-    """The bytes of ``t`` in memory order as a flat uint8 numpy array (no copy for a contiguous CPU
-    tensor)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy()
-
-
-def tensor_hash(t: Tensor) -> str:
-    """The content hash of a tensor: blake2b (32-byte digest, hex) of its dtype, shape and raw bytes.
-
-    Two tensors have the same hash exactly when they have the same dtype, shape and bytes (so
-    ``-0.0`` and ``0.0`` differ, and NaNs with the same bit pattern are equal). Device, strides,
-    ``requires_grad`` and views do not matter: the tensor is hashed as a contiguous CPU copy.
-
-    Args:
-        t: Any tensor of a supported dtype (float64/32/16, bfloat16, int64/32/16/8, uint8, bool).
-
-    Returns:
-        64 hex characters.
-
-    Raises:
-        ValueError: If ``t`` is not a tensor or has an unsupported dtype.
-    """
-    if not isinstance(t, Tensor):
-        raise ValueError(f"tensor_hash needs a torch.Tensor, got {type(t).__name__}.")
-    h = hashlib.blake2b(digest_size=32)
-    h.update(_HASH_PREFIX)
-    h.update(json.dumps([_dtype_name(t.dtype), list(t.shape)]).encode())
-    h.update(_raw_bytes(t))
-    return h.hexdigest()
-
-
-def _fingerprint(t: Tensor) -> str:
-    """A fast content fingerprint (xxh3-128 of dtype, shape and raw bytes; about 20x faster than
-    blake2b here), used only by :meth:`StateStore.save` to see which tensors are unchanged."""
-    h = xxhash.xxh3_128()
-    h.update(json.dumps([_dtype_name(t.dtype), list(t.shape)]).encode())
-    h.update(_raw_bytes(t))
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +149,7 @@ class LazyTensor:
     dtype: torch.dtype
     hash: str
     nbytes: int
-    store: "StateStore" = field(repr=False)
+    store: StateStore = field(repr=False)
 
     def load(self) -> Tensor:
         """Read the tensor from the store, verified against :attr:`hash`.
@@ -219,7 +159,7 @@ class LazyTensor:
                 content), truncated or altered.
         """
         with self.store._locked(shared=True):
-            entry = {"shape": list(self.shape), "dtype": _DTYPE_NAMES[self.dtype], "hash": self.hash}
+            entry = {"shape": list(self.shape), "dtype": DTYPE_NAMES[self.dtype], "hash": self.hash}
             return self.store._read_object(self.name, entry)
 
     def __eq__(self, other: object) -> bool:
@@ -238,7 +178,7 @@ class LazyTensor:
     def __hash__(self) -> int:
         return hash((self.hash, self.dtype, tuple(self.shape)))
 
-    def allclose(self, other: Union[Tensor, "LazyTensor"], rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    def allclose(self, other: Union[Tensor, LazyTensor], rtol: float = 1e-5, atol: float = 1e-8) -> bool:
         """``torch.allclose(self.load(), other, rtol, atol)``, without loading when it need not.
 
         Different shapes give ``False`` and equal hashes ``True`` without reading the file; otherwise
@@ -260,8 +200,10 @@ class LazyTensor:
         return bool(torch.allclose(self.load().double(), theirs.double(), rtol=rtol, atol=atol))
 
     def __repr__(self) -> str:
-        dtype = _DTYPE_NAMES[self.dtype]
-        return f"LazyTensor({self.name!r}, shape={tuple(self.shape)}, dtype={dtype}, hash={self.hash[:12]}...)"
+        dtype = DTYPE_NAMES[self.dtype]
+        return (
+            f"LazyTensor({self.name!r}, shape={tuple(self.shape)}, dtype={dtype}, hash={self.hash[:12]}...)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,8 +259,10 @@ class StateStore:
             fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as err:
             if err.errno == errno.ELOOP:
-                raise ValueError(f"State store {str(self.root)!r}: {LOCK} is a symbolic link; a store never "
-                                 "follows links inside its folder.") from None
+                raise ValueError(
+                    f"State store {str(self.root)!r}: {LOCK} is a symbolic link; a store never "
+                    "follows links inside its folder."
+                ) from None
             if not shared:
                 raise
             yield
@@ -334,8 +278,10 @@ class StateStore:
         symbolic links (the folder itself may be one: it is what the user named)."""
         for name in (MANIFEST, OBJECTS, LOCK):
             if (self.root / name).is_symlink():
-                raise ValueError(f"State store {str(self.root)!r}: {name} is a symbolic link; a store never "
-                                 "follows links inside its folder. Remove it, or use another folder.")
+                raise ValueError(
+                    f"State store {str(self.root)!r}: {name} is a symbolic link; a store never "
+                    "follows links inside its folder. Remove it, or use another folder."
+                )
 
     # ---- reading ------------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -353,7 +299,9 @@ class StateStore:
         try:
             manifest = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise ValueError(f"State store manifest {str(path)!r} is unreadable: {type(err).__name__}.") from None
+            raise ValueError(
+                f"State store manifest {str(path)!r} is unreadable: {type(err).__name__}."
+            ) from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not a minterp_tl state store manifest.")
         if manifest.get("version") != VERSION:
@@ -361,7 +309,7 @@ class StateStore:
                 f"State store {str(self.root)!r} has format version {manifest.get('version')!r}; this "
                 f"minterp_tl reads version {VERSION}."
             )
-        _check_manifest(manifest, str(path))
+        check_manifest(manifest, str(path))
         return manifest
 
     def _manifest(self) -> dict[str, Any]:
@@ -400,43 +348,27 @@ class StateStore:
 
     def _read_object(self, name: str, entry: Mapping[str, Any]) -> Tensor:
         """Read one object file and verify it against ``entry``; every problem names ``name``."""
-        if not _HASH.fullmatch(str(entry["hash"])):
-            raise ValueError(f"State store {str(self.root)!r}: tensor {name!r} has a malformed hash in the manifest.")
+        if not HASH_RE.fullmatch(str(entry["hash"])):
+            raise ValueError(
+                f"State store {str(self.root)!r}: tensor {name!r} has a malformed hash in the manifest."
+            )
         rel = f"{OBJECTS}/{entry['hash']}.safetensors"
         path = self.root / rel
         where = f"tensor {name!r} (file {str(path)!r})"
         try:
-            data = _read_no_follow(path)
+            data = read_no_follow(path)
         except FileNotFoundError:
             raise ValueError(
                 f"State store {str(self.root)!r}: {where} is missing; the store was saved again without "
                 "this content, or the file was deleted."
             ) from None
         except OSError as err:
-            raise ValueError(f"State store {str(self.root)!r}: {where} cannot be read ({err.strerror}; a symbolic "
-                             "link inside a store is never followed).") from None
+            raise ValueError(
+                f"State store {str(self.root)!r}: {where} cannot be read ({err.strerror}; a symbolic "
+                "link inside a store is never followed)."
+            ) from None
         self.files_read += 1
-        expected_bytes = entry.get("file_bytes")
-        if expected_bytes is not None and len(data) != expected_bytes:
-            raise ValueError(
-                f"State store {str(self.root)!r}: {where} is truncated or altered: {len(data)} bytes on "
-                f"disk, {expected_bytes} in the manifest."
-            )
-        try:
-            tensor = _st_load(data)[_TENSOR_KEY]
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"State store {str(self.root)!r}: {where} is damaged: {err}.") from None
-        if list(tensor.shape) != list(entry["shape"]) or _DTYPE_NAMES.get(tensor.dtype) != entry["dtype"]:
-            raise ValueError(
-                f"State store {str(self.root)!r}: {where} holds a {tensor.dtype} tensor of shape "
-                f"{tuple(tensor.shape)}, the manifest says {entry['dtype']} {tuple(entry['shape'])}."
-            )
-        if tensor_hash(tensor) != entry["hash"]:
-            raise ValueError(
-                f"State store {str(self.root)!r}: {where} fails its integrity check: the content hash "
-                "does not match the manifest (the file was altered or corrupted)."
-            )
-        return tensor
+        return decode_object(data, entry, f"State store {str(self.root)!r}: {where}")
 
     def load(self, names: Optional[Iterable[str]] = None) -> dict[str, Tensor]:
         """Read tensors, each verified against its manifest hash; all or nothing.
@@ -463,7 +395,7 @@ class StateStore:
             name: LazyTensor(
                 name=name,
                 shape=torch.Size(entry["shape"]),
-                dtype=_DTYPES[entry["dtype"]],
+                dtype=DTYPES[entry["dtype"]],
                 hash=entry["hash"],
                 nbytes=int(entry["nbytes"]),
                 store=self,
@@ -490,36 +422,6 @@ class StateStore:
         return out
 
     # ---- writing ------------------------------------------------------------------------------------
-    def _write_atomic(self, path: Path, data: Union[bytes, memoryview]) -> int:
-        """Write ``data`` to a fresh temporary file beside ``path``, fsync it and rename it over
-        ``path``; returns the bytes written."""
-        tmp = path.with_name(f"{_TMP_MARK}{secrets.token_hex(8)}-{path.name}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return len(data)
-
-    def _fsync_dir(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def save(
         self,
         tensors: Mapping[str, Union[Tensor, LazyTensor]],
@@ -532,17 +434,18 @@ class StateStore:
         (:func:`tensor_hash`). A tensor whose content is already in the store (under its name or any
         other) is not written again. (xxh3 is not a cryptographic hash: two different tensors with
         the same fingerprint, which no accident produces (chance about 2**-128) but a deliberate
-        collision could, would be taken as unchanged; :meth:`load` always verifies the blake2b hash.) A :class:`LazyTensor` of this store counts as
-        its hash, unread and unhashed: ``d = store.lazy(); d["x"] = new_x; store.save(d)`` hashes and
-        writes only ``new_x`` (a lazy tensor of another store is loaded and stored). New content goes to
+        collision could, would be taken as unchanged; :meth:`load` always verifies the blake2b hash.)
+        A :class:`LazyTensor` of this store counts as its hash, unread and unhashed:
+        ``d = store.lazy(); d["x"] = new_x; store.save(d)`` hashes and writes only ``new_x`` (a lazy
+        tensor of another store is loaded and stored). New content goes to
         ``objects/<hash>.safetensors`` (temporary file, fsync, rename), then the manifest is replaced
         in one rename -- the commit -- and files no longer named are deleted. The whole save holds the
         store's exclusive lock.
 
         Args:
             tensors: ``{name: tensor or LazyTensor}``; names are non-empty strings; tensors of any
-                supported dtype, on any device (stored from a contiguous CPU copy). Names held before and not given are
-                removed.
+                supported dtype, on any device (stored from a contiguous CPU copy). Names held before
+                and not given are removed.
             metadata: ``{str: str}`` saved with the tensors (``None``: none); replaces the previous
                 metadata.
 
@@ -555,14 +458,14 @@ class StateStore:
         """
         start = time.perf_counter()
         tensors = _check_tensors(tensors)
-        meta = _check_metadata(metadata)
+        meta = check_metadata(metadata)
         here = self.root.resolve()
         # a lazy tensor of this store is its hash; one of another store is read (outside our lock)
         tensors = {
             name: t.load() if isinstance(t, LazyTensor) and t.store.root.resolve() != here else t
             for name, t in tensors.items()
         }
-        prints = {name: None if isinstance(t, LazyTensor) else _fingerprint(t) for name, t in tensors.items()}
+        prints = {n: None if isinstance(t, LazyTensor) else tensor_fingerprint(t) for n, t in tensors.items()}
         with self._locked(shared=False):
             old = self._read_manifest()["tensors"] if self.exists() else {}
             since = self._manifest_path.stat().st_mtime_ns if old else 0
@@ -590,7 +493,7 @@ class StateStore:
                 h = hashes[name]
                 entry = {
                     "shape": list(t.shape),
-                    "dtype": _dtype_name(t.dtype),
+                    "dtype": dtype_name(t.dtype),
                     "hash": h,
                     "file": f"{OBJECTS}/{h}.safetensors",
                     "nbytes": t.nbytes if isinstance(t, LazyTensor) else t.numel() * t.element_size(),
@@ -612,18 +515,19 @@ class StateStore:
                             "damaged); load it before that, or give the tensor itself."
                         )
                     else:
-                        data = _st_save({_TENSOR_KEY: t.detach().to("cpu").contiguous()})
-                        entry["file_bytes"] = self._write_atomic(self._objects / f"{h}.safetensors", data)
-                        bytes_written += entry["file_bytes"]
-                        present[h], checked[h] = entry["file_bytes"], True
+                        data = _st_save({TENSOR_KEY: t.detach().to("cpu").contiguous()})
+                        size = write_atomic(self._objects / f"{h}.safetensors", data)
+                        entry["file_bytes"] = size
+                        bytes_written += size
+                        present[h], checked[h] = size, True
                 entries[name] = entry
             removed = [n for n in old if n not in tensors]
             manifest = {"format": FORMAT, "version": VERSION, "metadata": meta, "tensors": entries}
             text = json.dumps(manifest, indent=1).encode()
             if written:
-                self._fsync_dir(self._objects)
-            bytes_written += self._write_atomic(self._manifest_path, text)
-            self._fsync_dir(self.root)
+                fsync_dir(self._objects)
+            bytes_written += write_atomic(self._manifest_path, text)
+            fsync_dir(self.root)
             self._collect_garbage({e["hash"] for e in entries.values()}, {e["hash"] for e in old.values()})
             total = len(text) + sum({e["hash"]: e["file_bytes"] for e in entries.values()}.values())
         return SaveReport(written, unchanged, removed, bytes_written, total, time.perf_counter() - start)
@@ -641,13 +545,13 @@ class StateStore:
         if st.st_mtime_ns <= since:
             return True
         try:
-            return tensor_hash(_st_load(_read_no_follow(path))[_TENSOR_KEY]) == h
+            return tensor_hash(_st_load(read_no_follow(path))[TENSOR_KEY]) == h
         except Exception:  # noqa: BLE001 - unreadable or not safetensors: not intact
             return False
 
     def _write_journal(self, hashes: list[str]) -> None:
         """Record the objects this save is about to add (``.tmp-<hex>-pending.json``, fsynced)."""
-        path = self.root / f"{_TMP_MARK}{secrets.token_hex(8)}-{_PENDING}"
+        path = self.root / f"{TMP_MARK}{secrets.token_hex(8)}-{_PENDING}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         try:
             os.write(fd, json.dumps({"objects": hashes}).encode())
@@ -661,11 +565,13 @@ class StateStore:
         journal named that the new manifest does not, and the store's own temporary files. Files it did
         not create (any other name, or an object no manifest or journal of this store named) stay."""
         ours = set(previous)
-        journals = [e for e in os.scandir(self.root) if _TMP_NAME.fullmatch(e.name) and e.name.endswith(_PENDING)]
+        journals = [
+            e for e in os.scandir(self.root) if _TMP_NAME.fullmatch(e.name) and e.name.endswith(_PENDING)
+        ]
         for journal in journals:
             try:
-                listed = json.loads(_read_no_follow(Path(journal.path)))["objects"]
-                ours.update(h for h in listed if isinstance(h, str) and _HASH.fullmatch(h))
+                listed = json.loads(read_no_follow(Path(journal.path)))["objects"]
+                ours.update(h for h in listed if isinstance(h, str) and HASH_RE.fullmatch(h))
             except Exception:  # noqa: BLE001 - a journal cut short by a kill: nothing to learn from it
                 pass
         for h in ours - keep:
@@ -683,41 +589,6 @@ class StateStore:
         return f"StateStore({str(self.root)!r}, {len(self)} tensors)"
 
 
-def _read_no_follow(path: Path) -> bytes:
-    """The bytes of ``path``, refusing to follow a symbolic link (``OSError`` with ``ELOOP``)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
-def _check_manifest(manifest: dict[str, Any], where: str) -> None:
-    """Every field of a manifest has the type and form the store writes; anything else is a ValueError
-    that says what is wrong (never a KeyError, a TypeError or a path outside the store)."""
-    metadata, tensors = manifest.get("metadata"), manifest.get("tensors")
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"State store manifest {where!r}: 'metadata' must map strings to strings.")
-    if not isinstance(tensors, dict):
-        raise ValueError(f"State store manifest {where!r}: 'tensors' must be a mapping of names to entries.")
-    for name, e in tensors.items():
-        bad = None
-        if not isinstance(e, dict):
-            bad = "is not a mapping"
-        elif not isinstance(e.get("hash"), str) or not _HASH.fullmatch(e["hash"]):
-            bad = "has a hash that is not 64 hex digits"
-        elif e.get("file") != f"{OBJECTS}/{e['hash']}.safetensors":
-            bad = "names a file other than its hash's object"
-        elif e.get("dtype") not in _DTYPES:
-            bad = f"has an unknown dtype {e.get('dtype')!r}"
-        elif not isinstance(e.get("shape"), list) or not all(type(d) is int and d >= 0 for d in e["shape"]):
-            bad = "has a shape that is not a list of non-negative integers"
-        elif not all(type(e.get(k)) is int and e[k] >= 0 for k in ("file_bytes", "nbytes")):
-            bad = "has file_bytes / nbytes that are not non-negative integers"
-        elif "xxh3" in e and not (isinstance(e["xxh3"], str) and _XXH3.fullmatch(e["xxh3"])):
-            bad = "has a malformed xxh3 fingerprint"
-        if bad:
-            raise ValueError(f"State store manifest {where!r}: the entry of tensor {str(name)[:80]!r} {bad}.")
-
-
 def _check_tensors(tensors: Mapping[str, Union[Tensor, LazyTensor]]) -> dict[str, Union[Tensor, LazyTensor]]:
     if not isinstance(tensors, Mapping):
         raise ValueError(f"tensors must be a mapping {{name: tensor}}, got {type(tensors).__name__}.")
@@ -725,19 +596,11 @@ def _check_tensors(tensors: Mapping[str, Union[Tensor, LazyTensor]]) -> dict[str
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor names must be non-empty strings, got {name!r}.")
         if not isinstance(t, (Tensor, LazyTensor)):
-            raise ValueError(f"tensors[{name!r}] must be a torch.Tensor (or LazyTensor), got {type(t).__name__}.")
-        _dtype_name(t.dtype, f"tensors[{name!r}]")
+            raise ValueError(
+                f"tensors[{name!r}] must be a torch.Tensor (or LazyTensor), got {type(t).__name__}."
+            )
+        dtype_name(t.dtype, f"tensors[{name!r}]")
     return dict(tensors)
-
-
-def _check_metadata(metadata: Optional[Mapping[str, str]]) -> dict[str, str]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise ValueError(f"metadata must be a mapping of str to str, got {metadata!r}.")
-    return dict(metadata)
 
 
 __all__ = ["LazyTensor", "SaveReport", "StateStore", "tensor_hash"]

@@ -252,7 +252,7 @@ def test_patch_prints_the_strongest_cells_of_the_sweep(cli, smollm2):
     assert "resid_pre: 15 layers x 5 positions = 75 patches" in out
     rows = re.findall(r"^\s+(\d)\s+(\d+)\s+(\d+)\s+(.+?)\s+(-?\d+\.\d{4})$", out, flags=re.M)
     assert [int(r[0]) for r in rows] == [1, 2, 3]
-    for (_, layer, pos, _token, value), i in zip(rows, top):
+    for (_, layer, pos, token, value), i in zip(rows, top):
         assert (int(layer), int(pos)) == grid[i]
         assert abs(float(value) - float(values[i])) <= 1e-3
         clean_tok, corrupted_tok = (

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minterp_tl import models
+from minterp_tl import induction, models
 from minterp_tl.models import (
     HELD_OUT_LENGTHS,  # 11, 16, 21: never used in training
     ModelInfo,
@@ -61,7 +61,9 @@ def test_toy_residual_identities(toy):
         else:
             mid = cache[f"blocks.{layer}.hook_resid_mid"]
             torch.testing.assert_close(pre + attn, mid, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(mid + cache[f"blocks.{layer}.hook_mlp_out"], post, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                mid + cache[f"blocks.{layer}.hook_mlp_out"], post, atol=1e-5, rtol=1e-5
+            )
         if layer + 1 < toy.cfg.n_layers:
             assert torch.equal(post, cache[f"blocks.{layer + 1}.hook_resid_pre"])
 
@@ -100,7 +102,11 @@ def test_smollm2_answers_paris_and_matches_hf(smollm2):
     torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=1e-4)  # the bridge is faithful
     info = model_info(smollm2)
     assert (info.name, info.n_layers, info.n_heads, info.d_model, info.d_vocab) == (
-        "smollm2-135m", 30, 9, 576, 49152,
+        "smollm2-135m",
+        30,
+        9,
+        576,
+        49152,
     )
     assert smollm2.cfg.n_key_value_heads == 3
     assert 130e6 < info.n_params_estimate < 140e6  # 134.5M with tied embeddings counted once
@@ -136,7 +142,7 @@ def test_repeated_random_tokens_layout():
 
 def test_training_batches_repeat_exactly_where_scored():
     t = models.InductionTraining(batch_size=32)
-    tokens, scored = models._training_batch(t, torch.Generator().manual_seed(0))
+    tokens, scored = induction._training_batch(t, torch.Generator().manual_seed(0))
     for row, mask in zip(tokens, scored):
         n_targets = int(mask.sum())  # targets 1..2L
         length = n_targets // 2
@@ -175,18 +181,22 @@ def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     a = train_induction_model(2, use_cache=False, **kwargs)
     b = train_induction_model(2, **kwargs)  # trains and writes the cache
     c = train_induction_model(2, seed=1, use_cache=False, **kwargs)
-    for (name, pa), pb, pc in zip(
-        a.original_model.state_dict().items(), b.original_model.state_dict().values(), c.original_model.state_dict().values()
+    for (name, pa), pb, _pc in zip(
+        a.original_model.state_dict().items(),
+        b.original_model.state_dict().values(),
+        c.original_model.state_dict().values(),
     ):
         assert torch.equal(pa, pb), name
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")  # no temp files
+    assert (
+        len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    )  # no temp files
 
     def no_training(*args, **kw):
         raise AssertionError("the cached model should have been loaded, not trained")
 
-    monkeypatch.setattr(models, "_train", no_training)
+    monkeypatch.setattr(induction, "_train", no_training)
     cached = train_induction_model(2, **kwargs)
     for pa, pd in zip(a.parameters(), cached.parameters()):
         assert torch.equal(pa, pd)

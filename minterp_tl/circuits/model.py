@@ -15,7 +15,7 @@ import os
 import types
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from jaxtyping import Float
@@ -503,7 +503,7 @@ def _all_modules(model: nn.Module) -> list[nn.Module]:
 
 def _masked_forward(self: nn.Linear, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
     """The ``forward`` a CircuitModel installs on a targeted ``nn.Linear`` (``self`` is the linear)."""
-    mask: _MaskLayer = self._minterp_circuit_mask
+    mask = cast(_MaskLayer, self._minterp_circuit_mask)
     return mask(x)
 
 
