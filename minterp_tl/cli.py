@@ -26,6 +26,7 @@ checks of their input are in :mod:`minterp_tl._cli_commands`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, Optional
@@ -319,8 +320,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(str(err))
 
 
+def run() -> NoReturn:
+    """The ``minterp-tl`` console script: :func:`main`, then exit without tearing the interpreter down.
+
+    Every file a command writes is closed and renamed into place before :func:`main` returns, so all
+    that is left is to flush stdout / stderr; skipping the interpreter's teardown of torch and
+    transformers saves about 2 s per call (a quarter of a warm ``minterp-tl lens``). An exception or
+    ``SystemExit`` (``--help``, a usage error) leaves the normal way.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
 
 
 __all__ = [
@@ -330,4 +345,5 @@ __all__ = [
     "IOI_CLEAN",
     "IOI_CORRUPTED",
     "main",
+    "run",
 ]
