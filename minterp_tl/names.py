@@ -58,47 +58,20 @@ _BRIDGE_SUFFIXES: tuple[str, ...] = (".hook_in", ".hook_out")
 
 # Hook names (relative to ``blocks.{l}.``) that HookedTransformer models may have: a name built from
 # these that the model lacks "does not exist on this model" rather than being a typo.
-_STANDARD_BLOCK_HOOKS: frozenset[str] = frozenset(
-    {
-        "hook_resid_pre",
-        "hook_resid_mid",
-        "hook_resid_post",
-        "hook_attn_in",
-        "hook_q_input",
-        "hook_k_input",
-        "hook_v_input",
-        "hook_mlp_in",
-        "hook_attn_out",
-        "hook_mlp_out",
-        "attn.hook_q",
-        "attn.hook_k",
-        "attn.hook_v",
-        "attn.hook_z",
-        "attn.hook_attn_scores",
-        "attn.hook_pattern",
-        "attn.hook_result",
-        "attn.hook_rot_q",
-        "attn.hook_rot_k",
-        "mlp.hook_pre",
-        "mlp.hook_mid",
-        "mlp.hook_post",
-        "mlp.hook_pre_linear",
-        "ln1.hook_scale",
-        "ln1.hook_normalized",
-        "ln2.hook_scale",
-        "ln2.hook_normalized",
-    }
-)
-_STANDARD_GLOBAL_HOOKS: frozenset[str] = frozenset(
-    {
-        "hook_tokens",
-        "hook_embed",
-        "hook_pos_embed",
-        "hook_unembed",
-        "ln_final.hook_scale",
-        "ln_final.hook_normalized",
-    }
-)
+# fmt: off
+_STANDARD_BLOCK_HOOKS: frozenset[str] = frozenset({
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_in", "hook_q_input", "hook_k_input",
+    "hook_v_input", "hook_mlp_in", "hook_attn_out", "hook_mlp_out",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_attn_scores", "attn.hook_pattern",
+    "attn.hook_result", "attn.hook_rot_q", "attn.hook_rot_k",
+    "mlp.hook_pre", "mlp.hook_mid", "mlp.hook_post", "mlp.hook_pre_linear",
+    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
+})
+_STANDARD_GLOBAL_HOOKS: frozenset[str] = frozenset({
+    "hook_tokens", "hook_embed", "hook_pos_embed", "hook_unembed", "ln_final.hook_scale",
+    "ln_final.hook_normalized",
+})
+# fmt: on
 # Bridge module hooks, which exist on some architectures only (``mlp.hook_out`` on an MLP model, ...).
 _STANDARD_BRIDGE_BLOCK_HOOK = re.compile(r"(?:(?:attn|mlp|ln1|ln2)(?:\.\w+)?\.)?hook_(?:in|out)")
 _STANDARD_BRIDGE_GLOBAL_HOOK = re.compile(r"(?:embed|pos_embed|ln_final|unembed)\.hook_(?:in|out)")
@@ -128,17 +101,12 @@ _ACT_NAME_ALIASES: dict[str, str] = {
 }
 _GLOBAL_WORDS: tuple[str, ...] = ("embed", "lm_head", "logits", "embed_tokens", "ln_final", "norm")
 # nnterp spellings of one layer, "layers.{l}" + suffix: offered as suggestions.
+# fmt: off
 _NNTERP_SUFFIXES: tuple[str, ...] = (
-    "",
-    ".input",
-    ".output",
-    ".self_attn",
-    ".self_attn.input",
-    ".self_attn.output",
-    ".mlp",
-    ".mlp.input",
+    "", ".input", ".output", ".self_attn", ".self_attn.input", ".self_attn.output", ".mlp", ".mlp.input",
     ".mlp.output",
 )
+# fmt: on
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,13 +353,8 @@ def _kind(canonical: str) -> str:
         return "embed"
     if relative == "hook_unembed":
         return "unembed"
-    if relative.startswith("attn.") or relative in (
-        "hook_attn_in",
-        "hook_attn_out",
-        "hook_q_input",
-        "hook_k_input",
-        "hook_v_input",
-    ):
+    attn_inputs = ("hook_attn_in", "hook_attn_out", "hook_q_input", "hook_k_input", "hook_v_input")
+    if relative.startswith("attn.") or relative in attn_inputs:
         return "attn"
     if relative.startswith("mlp.") or relative in ("hook_mlp_in", "hook_mlp_out"):
         return "mlp"
