@@ -16,17 +16,36 @@ import math
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 from torch import Tensor
 
-from minterp_tl.interventions import MODES, Intervention
+from minterp_tl.interventions import MODES, Intervention, InterventionFunction
 from minterp_tl.names import resolve_name
 from minterp_tl.specs import SpecLike, Token, check_spec
 from minterp_tl.store import SaveReport, StateStore
 
-if TYPE_CHECKING:
-    from minterp_tl.edits import Edit, EditFunction, Edits
+
+class Row(NamedTuple):
+    """One edit as the folder format and the table see it (an :class:`~minterp_tl.edits.Edit` and its
+    on/off state).
+
+    Attributes:
+        name: The edit's name.
+        intervention: Its record (specs in JSON-able form; read from a folder: its hooks as a list).
+        hooks: The canonical hooks it applies at.
+        values: ``{hook: tensor}`` for kinds with a value.
+        function: ``"module:qualname"`` of a function edit's function, or ``None``.
+        enabled: Whether it is on.
+    """
+
+    name: str
+    intervention: Intervention
+    hooks: tuple[str, ...]
+    values: dict[str, Tensor]
+    function: Optional[str]
+    enabled: bool
+
 
 _FORMAT = "minterp_tl.edits"
 _VERSION = 1
@@ -86,24 +105,25 @@ def json_spec(spec: Union[SpecLike, Tensor], what: str) -> Union[None, int, str,
     return [json_spec(s, what) for s in spec]
 
 
-def describe(edit: Edit) -> str:
+def describe(edit: Row) -> str:
     """An edit's selection and value in a few words, for :meth:`~minterp_tl.edits.Edits.table`."""
     iv = edit.intervention
+    kind, alpha = iv.mode, float(iv.alpha)
     parts = [
         f"{label}={_spec_text(spec)}"
         for label, spec in (("heads", iv.heads), ("neurons", iv.neurons), ("pos", iv.positions))
         if spec is not None
     ]
     first = next(iter(edit.values.values()), None)
-    if edit.kind in ("mean", "set", "patch") and first is not None:
-        parts.append(f"{edit.kind if edit.kind != 'set' else 'value'} {tuple(first.shape)}")
-    elif edit.kind == "add" and first is not None:
-        parts.append(f"{edit.alpha:g} x vector {tuple(first.shape)} |v|={float(first.float().norm()):.3g}")
-    elif edit.kind == "scale":
-        parts.append(f"x {edit.alpha:g}")
-    elif edit.kind == "function":
-        path = edit.function or f"{getattr(edit.fn, '__qualname__', edit.fn)!s} (not importable)"
-        parts.append(path + (f" {json.dumps(dict(edit.kwargs))}" if edit.kwargs else ""))
+    if kind in ("mean", "set", "patch") and first is not None:
+        parts.append(f"{kind if kind != 'set' else 'value'} {tuple(first.shape)}")
+    elif kind == "add" and first is not None:
+        parts.append(f"{alpha:g} x vector {tuple(first.shape)} |v|={float(first.float().norm()):.3g}")
+    elif kind == "scale":
+        parts.append(f"x {alpha:g}")
+    elif kind == "function":
+        path = edit.function or f"{getattr(iv.fn, '__qualname__', iv.fn)!s} (not importable)"
+        parts.append(path + (f" {json.dumps(dict(iv.kwargs))}" if iv.kwargs else ""))
     return ", ".join(parts)
 
 
@@ -111,34 +131,35 @@ def _spec_text(spec: Any) -> str:
     return ",".join(str(s) for s in spec) if isinstance(spec, list) else str(spec)
 
 
-def table(edits: Edits) -> str:
-    """One line per (hook, edit) in application order: step, hook, edit name, kind, on/off, and what it
-    selects and writes."""
-    if not len(edits):
+def table(ordered: Sequence[tuple[str, Row]], edits: Sequence[Row], paused: bool) -> str:
+    """One line per ``(hook, edit)`` of ``ordered`` (application order): step, hook, edit name, kind,
+    on/off, and what it selects and writes; a head line counts ``edits`` (each edit once)."""
+    if not edits:
         return "no edits"
     rows = [("#", "hook", "edit", "kind", "on", "what")]
-    for i, (hook, e) in enumerate(edits.ordered()):
-        rows.append((str(i), hook, e.name, e.kind, "on" if edits.is_enabled(e.name) else "off", e.describe()))
+    for i, (hook, e) in enumerate(ordered):
+        rows.append((str(i), hook, e.name, e.intervention.mode, "on" if e.enabled else "off", describe(e)))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     lines = ["  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5] for r in rows]
-    on = sum(edits.is_enabled(n) for n in edits.names)
-    head = f"{len(edits)} edit(s), {on} on{' (paused)' if edits._paused else ''}"
+    on = sum(e.enabled for e in edits)
+    head = f"{len(edits)} edit(s), {on} on{' (paused)' if paused else ''}"
     return "\n".join([head] + [line.rstrip() for line in lines])
 
 
-def write_edits(edits: Edits, path: Any) -> SaveReport:
-    """Write every edit of ``edits`` (with its on/off state) to the folder ``path``; writing again
-    rewrites only changed tensors.
+def write_edits(model: Any, edits: Sequence[Row], path: Any) -> SaveReport:
+    """Write ``edits`` (with their on/off states), made for ``model``, to the folder ``path``; writing
+    again rewrites only changed tensors.
 
     Raises:
         ValueError: If a function edit has no import path (a lambda, a local function).
     """
     tensors: dict[str, Tensor] = {}
     entries = []
-    for e in edits._edits.values():
-        if e.kind == "function" and e.function is None:
+    for e in edits:
+        iv = e.intervention
+        if iv.mode == "function" and e.function is None:
             raise ValueError(
-                f"Edit {e.name!r} cannot be written: its function {getattr(e.fn, '__qualname__', e.fn)!s} "
+                f"Edit {e.name!r} cannot be written: its function {getattr(iv.fn, '__qualname__', iv.fn)!s} "
                 "has no import path (a lambda or a function defined inside a function); define it at "
                 "the top level of a module."
             )
@@ -146,23 +167,22 @@ def write_edits(edits: Edits, path: Any) -> SaveReport:
         for hook, v in e.values.items():
             tensors[f"{e.name}/{hook}"] = v
             value_keys[hook] = f"{e.name}/{hook}"
-        iv = e.intervention
         entries.append(
             {
                 "name": e.name,
-                "kind": e.kind,
+                "kind": iv.mode,
                 "hooks": list(e.hooks),
                 "positions": iv.positions,
                 "heads": iv.heads,
                 "neurons": iv.neurons,
-                "alpha": e.alpha,
+                "alpha": float(iv.alpha),
                 "function": e.function,
-                "kwargs": dict(e.kwargs),
+                "kwargs": dict(iv.kwargs),
                 "values": value_keys,
-                "enabled": edits.is_enabled(e.name),
+                "enabled": e.enabled,
             }
         )
-    cfg = edits.model.cfg
+    cfg = model.cfg
     manifest = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -175,9 +195,11 @@ def write_edits(edits: Edits, path: Any) -> SaveReport:
 
 
 def read_edits(
-    edits: Edits, path: Any, functions: Union[Mapping[str, EditFunction], Sequence[EditFunction]]
-) -> list[tuple[Edit, bool]]:
-    """The edits written at ``path``, built for ``edits.model`` (not installed), with their on/off states.
+    model: Any,
+    path: Any,
+    functions: Union[Mapping[str, InterventionFunction], Sequence[InterventionFunction]],
+) -> list[Row]:
+    """The edits written at ``path``, checked against ``model`` (not resolved on it, not installed).
 
     Raises:
         ValueError: If the folder holds no written edits or a malformed file, the model's shape differs,
@@ -191,7 +213,6 @@ def read_edits(
         raise ValueError(f"The store at {str(path)!r} holds no written edits (written by Edits.write).")
     where = f"Saved edits at {str(path)!r}"
     manifest = _read_manifest(meta.get("minterp_tl.edits"), where)
-    model = edits.model
     mine = {k: int(getattr(model.cfg, k)) for k in _MODEL_KEYS}
     if mine != manifest["model"]:
         raise ValueError(f"{where} were made for a model with {manifest['model']}; this model has {mine}.")
@@ -203,7 +224,7 @@ def read_edits(
                 f"{sorted(given) or 'none'})."
             )
     tensors = store.load()
-    built = []
+    built: list[Row] = []
     for e in manifest["edits"]:
         hooks = tuple(e["hooks"])
         for hook in hooks:
@@ -220,12 +241,12 @@ def read_edits(
                 f"{where}: edit {e['name']!r} refers to values {missing} that the store does not "
                 f"hold, or to hooks it does not edit."
             )
-        values = {h: tensors[k] for h, k in e["values"].items()} or None
+        values = {h: tensors[k] for h, k in e["values"].items()}
         try:
             record = Intervention(
                 list(hooks),
                 e["kind"],
-                values,
+                values or None,
                 positions=e["positions"],
                 heads=e["heads"],
                 neurons=e["neurons"],
@@ -233,15 +254,15 @@ def read_edits(
                 fn=given.get(e["function"]) if e["kind"] == "function" else None,
                 kwargs=e["kwargs"],
             )
-            built.append((edits._build(e["name"], record, e["function"]), e["enabled"]))
         except ValueError as err:
             raise ValueError(f"Saved edit {e['name']!r}: {err}") from None
+        built.append(Row(e["name"], record, hooks, values, e["function"], e["enabled"]))
     return built
 
 
 def _given_functions(
-    functions: Union[Mapping[str, EditFunction], Sequence[EditFunction]],
-) -> dict[str, EditFunction]:
+    functions: Union[Mapping[str, InterventionFunction], Sequence[InterventionFunction]],
+) -> dict[str, InterventionFunction]:
     """``{"module:qualname": function}`` from what :meth:`Edits.read` was given (nothing is imported)."""
     if isinstance(functions, Mapping):
         items = list(functions.items())
@@ -311,4 +332,4 @@ def _read_manifest(text: Any, where: str) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["describe", "function_path", "json_spec", "read_edits", "table", "write_edits"]
+__all__ = ["Row", "describe", "function_path", "json_spec", "read_edits", "table", "write_edits"]

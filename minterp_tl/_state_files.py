@@ -10,24 +10,25 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 from torch import Tensor
 
 from minterp_tl.store import SaveReport, StateStore
 
-if TYPE_CHECKING:
-    from minterp_tl.state import SavedState
+
+def format_key(tag: str, name: str) -> str:
+    """The display form of a state's key ``(tag, name)``: ``"name"`` or ``"tag/name"``."""
+    return f"{tag}/{name}" if tag else name
 
 
-def write_states(states: Sequence[SavedState], path: Union[str, os.PathLike]) -> SaveReport:
-    """Write ``states`` to the store at ``path``; returns the store's :class:`~minterp_tl.store.SaveReport`.
+def write_states(states: Sequence[Any], path: Union[str, os.PathLike]) -> SaveReport:
+    """Write ``states`` (:class:`~minterp_tl.state.SavedState` objects) to the store at ``path``; returns
+    the store's :class:`~minterp_tl.store.SaveReport`.
 
     Raises:
         ValueError: If two states have the same display key (a tag containing ``"/"``).
     """
-    from minterp_tl.state import format_key
-
     tensors: dict[str, Tensor] = {}
     entries: list[dict[str, Any]] = []
     state_keys = {format_key(*state.key) for state in states}
@@ -62,15 +63,14 @@ def write_states(states: Sequence[SavedState], path: Union[str, os.PathLike]) ->
     return StateStore(path).save(tensors, metadata)
 
 
-def read_states(path: Union[str, os.PathLike]) -> list[SavedState]:
-    """The states written at ``path`` by :func:`write_states`, every tensor verified against its hash.
+def read_states(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """The states written at ``path`` by :func:`write_states` (each as the keyword arguments of a
+    :class:`~minterp_tl.state.SavedState`), every tensor verified against its hash.
 
     Raises:
         ValueError: If ``path`` holds no store, a store not written by ``StateManager.write``, or a
             damaged or malformed file.
     """
-    from minterp_tl.state import SavedState
-
     store = StateStore(path)
     tensors = store.load()
     metadata = store.metadata
@@ -84,7 +84,7 @@ def read_states(path: Union[str, os.PathLike]) -> list[SavedState]:
         for e in json.loads(metadata["minterp_tl.states"]):
             positions_key = e.get("positions_key") or e["key"] + "#positions"
             states.append(
-                SavedState(
+                dict(
                     tensor=tensors[e["key"]],
                     name=e["name"],
                     tag=e["tag"],
@@ -103,4 +103,4 @@ def read_states(path: Union[str, os.PathLike]) -> list[SavedState]:
     return states
 
 
-__all__ = ["read_states", "write_states"]
+__all__ = ["format_key", "read_states", "write_states"]

@@ -1,17 +1,10 @@
 """Named, persistent edits: interventions that stay on a model for every forward pass until removed.
 
-Researchers keep a model "edited" across many experiments -- a head ablated, a steering vector added,
-a state patched in -- and want to see which edits are active, switch them off and on, and write and
-share them. An :class:`Edits` object holds such edits for one ``TransformerBridge``. Each edit is a
-name and an :class:`~minterp_tl.interventions.Intervention`, the same record a single run
-(``StateConfig(interventions=...)``) and a patching sweep use, applied by the same code:
-
-- :meth:`Edits.ablate` -- zero or mean ablation of heads, neurons (last-axis units) or positions;
-- :meth:`Edits.steer` -- add ``alpha * vector`` at layers / positions (steering vectors);
-- :meth:`Edits.set` -- set an activation (or part of it) to a stored value;
-- :meth:`Edits.scale` -- multiply a selection by ``alpha``;
-- :meth:`Edits.add_function` -- any function ``fn(activation, hook, **kwargs)`` on a hook;
-- :meth:`Edits.add` -- any :class:`~minterp_tl.interventions.Intervention` under a name.
+An :class:`Edits` object holds the named edits of one ``TransformerBridge``. Each edit is a name and an
+:class:`~minterp_tl.interventions.Intervention`, the same record a single run
+(``StateConfig(interventions=...)``) and a patching sweep use, applied by the same code: :meth:`~Edits.ablate`
+(zero / mean), :meth:`~Edits.steer`, :meth:`~Edits.set`, :meth:`~Edits.scale`, :meth:`~Edits.add_function`,
+or any record with :meth:`~Edits.add`.
 
 Each edit has a unique name and is listed by :meth:`Edits.table`; :meth:`~Edits.disable`,
 :meth:`~Edits.enable`, :meth:`~Edits.toggle`, :meth:`~Edits.remove` and :meth:`~Edits.clear` change
@@ -128,9 +121,13 @@ class Edit:
     def fn(self) -> Optional[EditFunction]:
         return self.intervention.fn
 
+    def row(self, enabled: bool = True) -> _edit_files.Row:
+        """This edit as the folder format and the table see it."""
+        return _edit_files.Row(self.name, self.intervention, self.hooks, self.values, self.function, enabled)
+
     def describe(self) -> str:
         """Selection and value in a few words, for :meth:`Edits.table`."""
-        return _edit_files.describe(self)
+        return _edit_files.describe(self.row())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,7 +550,9 @@ class Edits:
     def table(self) -> str:
         """One line per (hook, edit) in application order: step, hook, edit name, kind, on/off, and
         what it selects and writes."""
-        return _edit_files.table(self)
+        ordered = [(hook, e.row(self._enabled[e.name])) for hook, e in self.ordered()]
+        rows = [e.row(self._enabled[e.name]) for e in self._edits.values()]
+        return _edit_files.table(ordered, rows, bool(self._paused))
 
     def __repr__(self) -> str:
         return f"Edits({len(self)} edits: {', '.join(self._edits) or 'none'})"
@@ -565,7 +564,8 @@ class Edits:
     def write(self, path: Any) -> SaveReport:
         """Write every edit (with its on/off state) to the folder ``path`` (see
         :func:`minterp_tl._edit_files.write_edits`: no pickle, no code, functions by name)."""
-        return _edit_files.write_edits(self, path)
+        rows = [e.row(self._enabled[e.name]) for e in self._edits.values()]
+        return _edit_files.write_edits(self.model, rows, path)
 
     @classmethod
     def read(
@@ -587,8 +587,14 @@ class Edits:
         if removed:
             raise TypeError(f"Edits.read got unexpected keyword arguments {sorted(removed)}")
         edits = cls(model)
-        for edit, enabled in _edit_files.read_edits(edits, path, functions):
-            edits._check_name(edit.name)
+        built = []
+        for row in _edit_files.read_edits(model, path, functions):  # all resolved before any is installed
+            try:
+                built.append((edits._build(row.name, row.intervention, row.function), row.enabled))
+            except ValueError as err:
+                raise ValueError(f"Saved edit {row.name!r}: {err}") from None
+        for edit, enabled in built:
+            edits._check_name(edit.name)  # two edits of one name in a file
             edits._edits[edit.name] = edit
             edits._enabled[edit.name] = enabled
         edits._sync()

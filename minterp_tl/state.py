@@ -45,6 +45,7 @@ from transformer_lens import ActivationCache
 
 from minterp_tl import _deprecated, _state_files
 from minterp_tl import hooks as _hooks
+from minterp_tl._state_files import format_key
 from minterp_tl.interventions import Intervention
 from minterp_tl.specs import SpecLike, check_spec
 from minterp_tl.store import SaveReport
@@ -310,11 +311,6 @@ class SavedState:
         return self.tensor.numel() * self.tensor.element_size() + extra
 
 
-def format_key(tag: str, name: str) -> str:
-    """The display form of a key: ``"name"`` or ``"tag/name"``."""
-    return f"{tag}/{name}" if tag else name
-
-
 _META_ATTR = "_minterp_selection"
 
 
@@ -541,8 +537,8 @@ class StateManager:
                 file (the message names the tensor).
         """
         manager = cls()
-        for state in _state_files.read_states(path):
-            manager.set(state)
+        for fields in _state_files.read_states(path):
+            manager.set(SavedState(**fields))
         return manager
 
 
