@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -91,13 +92,18 @@ def text_tokens(
 
 def index(value: Any, n: int, what: str) -> int:
     """``value`` as an index into ``n`` items, negatives counted from the end (``-1`` is the last): an
-    ``int`` in ``-n..n-1``, returned as ``0..n-1``; anything else is refused, naming the valid range."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} must be an integer index, got {value!r} ({type(value).__name__})")
-    if not -n <= value < n:
-        valid = f"0..{n - 1} (or {-n}..-1)" if n > 0 else "none: there are no items"
-        raise ValueError(f"{what}={value} is out of range for {n} item(s); valid: {valid}")
-    return value % n
+    integer (``operator.index``; bools refused) in ``-n..n-1``, returned as ``0..n-1``; anything else is
+    refused, naming the valid range."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        i = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an int, got {value!r}") from None
+    if not -n <= i < n:
+        valid = f"0..{n - 1} (or {-n}..-1)" if n > 0 else "none (there are no items)"
+        raise ValueError(f"{what}={i} is out of range; valid: {valid}")
+    return i % n
 
 
 def did_you_mean(value: Any, options: Iterable[str], *, n: int = 3, cutoff: float = 0.6) -> str:

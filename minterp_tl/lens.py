@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from minterp_tl._checks import positive_int
+from minterp_tl._checks import index, positive_int
 from minterp_tl._files import save_png
 from minterp_tl.context import Prompts, RepresentationContext
 from minterp_tl.specs import SpecLike
@@ -178,11 +178,7 @@ class LensResult:
         """A text table for one column: one line per layer with its top-``k`` tokens and
         probabilities, and the answer's probability and rank if ``answer`` is given."""
         b, n_cols = self.resid.shape[1], self.resid.shape[2]
-        if not -b <= prompt < b:
-            raise ValueError(f"prompt {prompt} is out of range for a batch of {b}")
-        if not -n_cols <= position < n_cols:
-            raise ValueError(f"position {position} is out of range: the lens has {n_cols} column(s)")
-        prompt, position = prompt % b, position % n_cols
+        prompt, position = index(prompt, b, "prompt"), index(position, n_cols, "position")
         probs, ids = self.top_k(k, prompt, position)  # only this column is computed
         pos = int(self.positions[prompt, position])
         token = self.batch.str_tokens[prompt][pos]
@@ -218,9 +214,7 @@ class LensResult:
         from matplotlib.figure import Figure  # no pyplot: no global backend, no figure manager
 
         b = self.resid.shape[1]
-        if not -b <= prompt < b:
-            raise ValueError(f"prompt {prompt} is out of range for a batch of {b}")
-        prompt %= b
+        prompt = index(prompt, b, "prompt")
         probs, ids = (x[:, 0, :, 0] for x in self.top_k(1, prompt))  # [rows, cols]
         colour = probs if answer is None else self._answer(answer, prompt, None)[0][:, 0]
         colour = colour.detach().float().cpu()

@@ -55,6 +55,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from minterp_tl._checks import index
 from minterp_tl._files import atomic_write, save_png
 from minterp_tl.transparent import TransparentLlm
 
@@ -288,9 +289,7 @@ def build_graph(
 def output_node(graph: nx.DiGraph, token: int = -1) -> str:
     """The node of the prediction at ``token``: ``I{n_layers-1}_{token}`` (negatives count from the end)."""
     n = int(graph.graph["n_tokens"])
-    if not -n <= token < n:
-        raise ValueError(f"token={token} is out of range; valid: 0..{n - 1} (or -{n}..-1)")
-    return f"I{int(graph.graph['n_layers']) - 1}_{token % n}"
+    return f"I{int(graph.graph['n_layers']) - 1}_{index(token, n, 'token')}"
 
 
 def paths_to_prediction(graph: nx.DiGraph, token: int = -1, threshold: Optional[float] = None) -> nx.DiGraph:

@@ -32,7 +32,6 @@ the head axis to the saved heads: ``blocks.0.hook_resid_post`` saved at ``"last"
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from transformer_lens import ActivationCache
 
 from minterp_tl import _deprecated, _state_files
 from minterp_tl import hooks as _hooks
+from minterp_tl._checks import did_you_mean
 from minterp_tl._state_files import format_key
 from minterp_tl.interventions import Intervention
 from minterp_tl.specs import SpecLike, check_spec
@@ -344,10 +344,9 @@ class StateManager:
     def config(self, phase: str) -> StateConfig:
         """The config of ``phase``; an unknown phase raises ``ValueError`` listing the known ones."""
         if phase not in self.configs:
-            close = difflib.get_close_matches(phase, list(self.configs), n=3)
-            hint = f" Did you mean {close}?" if close else ""
             raise ValueError(
-                f"No StateConfig for phase {phase!r}; configured phases: {sorted(self.configs)}.{hint}"
+                f"No StateConfig for phase {phase!r}{did_you_mean(phase, self.configs)}; configured "
+                f"phases: {sorted(self.configs)}."
             )
         return self.configs[phase]
 
@@ -395,11 +394,9 @@ class StateManager:
         tag = _tag(legacy, tag, "entry")
         key = (tag, name)
         if key not in self._states:
-            held = [format_key(*k) for k in self._states]
-            close = difflib.get_close_matches(format_key(tag, name), held, n=5, cutoff=0.5)
+            held, wanted = [format_key(*k) for k in self._states], format_key(tag, name)
             raise ValueError(
-                f"No saved state {format_key(tag, name)!r}. "
-                + (f"Closest held: {close}. " if close else "")
+                f"No saved state {wanted!r}{did_you_mean(wanted, held, n=5, cutoff=0.5)}. "
                 + f"{len(held)} state(s) held"
                 + (f" (e.g. {held[:5]})." if held else "; save it in an earlier phase or put() it.")
             )

@@ -42,7 +42,6 @@ Loading is all-or-nothing: a missing, truncated or altered file (hash mismatch) 
 
 from __future__ import annotations
 
-import difflib
 import errno
 import fcntl
 import json
@@ -62,6 +61,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import Tensor
 
+from minterp_tl._checks import did_you_mean
 from minterp_tl._store_format import (
     DTYPE_NAMES,
     DTYPES,
@@ -337,11 +337,9 @@ class StateStore:
         names = list(names)
         for name in names:
             if name not in known:
-                close = difflib.get_close_matches(str(name), list(known), n=5, cutoff=0.5)
                 raise ValueError(
-                    f"No tensor {name!r} in state store {str(self.root)!r}. "
-                    + (f"Closest: {close}. " if close else "")
-                    + f"It holds {len(known)} tensor(s)"
+                    f"No tensor {name!r}{did_you_mean(name, known, n=5, cutoff=0.5)} in state store "
+                    f"{str(self.root)!r}. It holds {len(known)} tensor(s)"
                     + (f", e.g. {list(known)[:5]}." if known else ".")
                 )
         return names

@@ -44,7 +44,6 @@ stream, block outputs, ``hook_v``, ``hook_pattern``, ``mlp.hook_post``): no per-
 
 from __future__ import annotations
 
-import operator
 from abc import ABC, abstractmethod
 from typing import Any, Optional, Union
 
@@ -53,6 +52,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from minterp_tl._checks import index
 from minterp_tl.context import Prompts, RepresentationContext
 from minterp_tl.hooks import n_heads
 from minterp_tl.lens import readout
@@ -470,15 +470,7 @@ class TransformerLensTransparentLlm(TransparentLlm):
         return self._batch
 
     def _index(self, i: int, n: int, what: str) -> int:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            i = operator.index(i)
-        except TypeError:
-            raise ValueError(f"{what} must be an int, got {i!r}") from None
-        if not -n <= i < n:
-            raise ValueError(f"{what}={i} is out of range; valid: 0..{n - 1} (or -{n}..-1)")
-        return i % n
+        return index(i, n, what)
 
     def _layer(self, layer: int) -> int:
         return self._index(layer, self._n_layers, "layer")

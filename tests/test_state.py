@@ -86,7 +86,7 @@ def test_manager_missing_key_lists_the_closest() -> None:
         ValueError, match=r"No saved state 'blocks\.3\.hook_resid_post'.*blocks\.3\.hook_resid_pre"
     ):
         sm.get("blocks.3.hook_resid_post")
-    with pytest.raises(ValueError, match=r"No StateConfig for phase 'corupt'.*Did you mean \['corrupt'\]"):
+    with pytest.raises(ValueError, match=r"No StateConfig for phase 'corupt' \(did you mean 'corrupt'\?\)"):
         StateManager({"corrupt": StateConfig()}).config("corupt")
 
 
