@@ -5,9 +5,12 @@ SmolLM2-135M (a 15-token IOI prompt against two corruptions: one that differs at
 every patch before it leaves the corrupted run unchanged and runs no forward, and one that differs from
 token 2 on, where nearly every patch runs). For each: time of TransformerLens's function and of ours,
 their ratio, max |difference| of the results, which starts of the fast path were on
-(:func:`minterp_tl.patching.fast_path_status`), and throughput in patched forwards per second, next to
-plain batched forwards per second (``model(tokens.repeat(64, 1))``), the ceiling for any method that
-runs full forward passes.
+(:func:`minterp_tl.patching.fast_path_status`), and "x of the limit": our time against the time of the work
+a patch can change, measured in the same run. A patch at layer ``l`` and position ``p`` can change only the
+layers ``>= l`` at the positions ``>= p`` (causality), and nothing at all when the clean activation equals
+the corrupted one there; the limit is the sum over patches of that fraction of ``n_layers x n_pos``, in
+plain batched forwards (``model(tokens.repeat(...))`` at 64 sequences, timed here). SmolLM2 runs with one
+prompt per patched copy (batch 1) and with eight IOI pairs at once (batch 8, other names).
 
 TransformerLens runs one forward per index; where that would take too long (``--tl-rows``), it runs a
 random sample of the index rows through TL's own ``generic_activation_patch`` with ``index_df`` and
@@ -20,8 +23,10 @@ Run: ``.venv/bin/python benchmarks/bench_patching.py [--tl-rows 160] [--skip-smo
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,36 +36,80 @@ from transformer_lens import patching as tl
 from minterp_tl import patching
 from minterp_tl.models import load_model, toy_model
 
-CLEAN = "When Mary and John went to the store, John gave a drink to"
-CORRUPTED = {
+TEMPLATE = "When {a} and {b} went to the store, {c} gave a drink to"
+CORRUPTIONS = {
     # the usual IOI corruption: the prompts differ at the second name only (token 10 of 15), so
     # patches at tokens 0-9 leave the corrupted run unchanged and run no forward (skip_unchanged)
-    "IOI@10": "When Mary and John went to the store, Mary gave a drink to",
+    "IOI@10": lambda a, b: TEMPLATE.format(a=a, b=b, c=a),
     # names swapped everywhere: the prompts differ from token 2 on, so almost every patch runs
-    "swap@2": "When John and Mary went to the store, Mary gave a drink to",
+    "swap@2": lambda a, b: TEMPLATE.format(a=b, b=a, c=a),
 }
+NAMES = [
+    ("Mary", "John"),
+    ("Anna", "Tom"),
+    ("Sarah", "David"),
+    ("Emma", "James"),
+    ("Lucy", "Paul"),
+    ("Kate", "Mark"),
+    ("Alice", "Bob"),
+    ("Laura", "Peter"),
+]
 
 
-def _plain_rate(model, tokens: torch.Tensor, batch: int = 64) -> float:
-    """Plain forwards per second at ``batch`` copies of ``tokens``."""
-    big = tokens.repeat(batch // tokens.shape[0], 1)
+@dataclass
+class Row:
+    model: str
+    case: str
+    sweep: str
+    patches: int
+    tl: float
+    ours: float
+    limit: float
+    diff: float
+    path: str
+    note: str
+
+
+def _plain_rate(model, tokens: torch.Tensor, sequences: int = 64) -> float:
+    """Plain forwards per second (sequences of ``tokens``'s length) at ``sequences`` in one batch."""
+    big = tokens[:1].repeat(sequences, 1)
     with torch.no_grad():
         model(big)
         t0 = time.perf_counter()
         model(big)
-    return big.shape[0] / (time.perf_counter() - t0)
+    return sequences / (time.perf_counter() - t0)
 
 
-def _bench(label, model, clean, corrupted, metric, sweep: str, setter, act, axes, tl_rows: int):
+def _limit(model, clean, corrupted, act: str, axes, shape, rate: float) -> float:
+    """Seconds of plain batched forwards for the work the patches can change (see the module docstring)."""
+    n_layers, n_pos = int(model.cfg.n_layers), int(corrupted.shape[1])
+    names = [
+        f"blocks.{layer}.{'hook_resid_pre' if act == 'resid_pre' else 'attn.hook_' + act}"
+        for layer in range(n_layers)
+    ]
+    with torch.no_grad():
+        _, a = model.run_with_cache(clean, names_filter=lambda n: n in names)
+        _, b = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
+    work = 0.0
+    for cell in itertools.product(*[range(n) for n in shape]):
+        layer, pos = cell[0], cell[1]
+        index = (slice(None), pos) + ((cell[2],) if len(cell) > 2 else ())
+        if not torch.equal(a[names[layer]][index], b[names[layer]][index]):
+            work += (n_layers - layer) / n_layers * (n_pos - pos) / n_pos
+    return work * corrupted.shape[0] / rate
+
+
+def _bench(
+    model_label, case, model, clean, corrupted, metric, sweep, setter, act, axes, tl_rows, rate
+) -> Row:
     _, cache = model.run_with_cache(clean)
     ours_fn = getattr(patching, sweep)
     t0 = time.perf_counter()
     ours = ours_fn(model, corrupted, cache, metric, progress=False)
     t_ours = time.perf_counter() - t0
     n = ours.numel()
-    status = patching.fast_path_status(model)
+    status = patching.fast_path_status(model, corrupted)
     path = "+".join(part for part in ("layers", "positions") if getattr(status, part)) or "off"
-
     if n <= tl_rows:
         t0 = time.perf_counter()
         ref = getattr(tl, sweep)(model, corrupted, cache, metric)
@@ -71,22 +120,34 @@ def _bench(label, model, clean, corrupted, metric, sweep: str, setter, act, axes
         t0 = time.perf_counter()
         ref = tl.generic_activation_patch(model, corrupted, cache, metric, setter, act, index_df=df)
         t_tl = (time.perf_counter() - t0) * n / tl_rows
-        note = f" (TL: {tl_rows} of {n} rows, extrapolated)"
+        note = "*"
         idx = tuple(torch.tensor(df[a].values) for a in axes)
         diff = float((ours[idx] - ref).abs().max())
-    return (
-        f"{label:<10}{sweep.replace('get_act_patch_', ''):<24}{n:>7}{t_tl:>10.1f}{t_ours:>9.1f}"
-        f"{t_tl / t_ours:>8.1f}{diff:>10.1e}{n / t_tl:>9.1f}{n / t_ours:>9.1f}  {path:<17}"
-    ), note
+    limit = _limit(model, clean, corrupted, act, axes, tuple(ours.shape), rate)
+    return Row(
+        model_label, case, sweep.replace("get_act_patch_", ""), n, t_tl, t_ours, limit, diff, path, note
+    )
+
+
+SWEEPS = [
+    ("get_act_patch_resid_pre", tl.layer_pos_patch_setter, "resid_pre", ("layer", "pos")),
+    (
+        "get_act_patch_attn_head_out_by_pos",
+        tl.layer_pos_head_vector_patch_setter,
+        "z",
+        ("layer", "pos", "head"),
+    ),
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tl-rows", type=int, default=160, help="most TL forwards per sweep before sampling")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--batches", default="1,8", help="SmolLM2 prompts per patched copy (default: 1,8)")
     args = parser.parse_args()
 
-    rows = []
+    rows: list[Row] = []
     toy = toy_model("ln")
     gen = torch.Generator().manual_seed(0)
     clean = torch.randint(0, 50, (1, 16), generator=gen)
@@ -94,92 +155,93 @@ def main() -> None:
     corrupted[0, 3] = (clean[0, 3] + 1) % 50
     target = toy(clean)[0, -1].argmax()
     metric = patching.logit_diff_metric(target, (target + 1) % 50)
-    rows.append(
-        (
-            toy,
-            clean,
-            "toy-4L",
-            [
-                _bench(
-                    "toy-4L",
-                    toy,
-                    clean,
-                    corrupted,
-                    metric,
-                    "get_act_patch_resid_pre",
-                    tl.layer_pos_patch_setter,
-                    "resid_pre",
-                    ("layer", "pos"),
-                    args.tl_rows,
-                ),
-                _bench(
-                    "toy-4L",
-                    toy,
-                    clean,
-                    corrupted,
-                    metric,
-                    "get_act_patch_attn_head_out_by_pos",
-                    tl.layer_pos_head_vector_patch_setter,
-                    "z",
-                    ("layer", "pos", "head"),
-                    args.tl_rows,
-                ),
-            ],
+    rate = _plain_rate(toy, clean)
+    for sweep, setter, act, axes in SWEEPS:
+        rows.append(
+            _bench(
+                "toy-4L",
+                "token 3 of 16",
+                toy,
+                clean,
+                corrupted,
+                metric,
+                sweep,
+                setter,
+                act,
+                axes,
+                args.tl_rows,
+                rate,
+            )
         )
-    )
+    rates = {"toy-4L": rate}
     if not args.skip_smollm2:
         model = load_model(progress=False)
-        clean = model.to_tokens(CLEAN)
-        metric = patching.logit_diff_metric(model.to_single_token(" Mary"), model.to_single_token(" John"))
-        lines = []
-        for label, prompt in CORRUPTED.items():
-            corrupted = model.to_tokens(prompt)
-            lines += [
-                _bench(
-                    label,
-                    model,
-                    clean,
-                    corrupted,
-                    metric,
-                    "get_act_patch_resid_pre",
-                    tl.layer_pos_patch_setter,
-                    "resid_pre",
-                    ("layer", "pos"),
-                    args.tl_rows,
-                ),
-                _bench(
-                    label,
-                    model,
-                    clean,
-                    corrupted,
-                    metric,
-                    "get_act_patch_attn_head_out_by_pos",
-                    tl.layer_pos_head_vector_patch_setter,
-                    "z",
-                    ("layer", "pos", "head"),
-                    args.tl_rows,
-                ),
-            ]
-        rows.append((model, clean, "SmolLM2", lines))
+        for batch in (int(b) for b in args.batches.split(",")):
+            pairs = NAMES[:batch]
+            clean = model.to_tokens([TEMPLATE.format(a=a, b=b, c=b) for a, b in pairs])
+            answers = [model.to_single_token(f" {a}") for a, _ in pairs]
+            wrong = [model.to_single_token(f" {b}") for _, b in pairs]
+            metric = patching.logit_diff_metric(answers, wrong)
+            rate = rates.setdefault("SmolLM2", _plain_rate(model, clean))
+            for case, corrupt in CORRUPTIONS.items():
+                corrupted = model.to_tokens([corrupt(a, b) for a, b in pairs])
+                assert corrupted.shape == clean.shape, "every name must be one token"
+                for sweep, setter, act, axes in SWEEPS:
+                    rows.append(
+                        _bench(
+                            "SmolLM2",
+                            f"{case} x{batch}",
+                            model,
+                            clean,
+                            corrupted,
+                            metric,
+                            sweep,
+                            setter,
+                            act,
+                            axes,
+                            args.tl_rows,
+                            rate,
+                        )
+                    )
 
     from importlib.metadata import version
 
     print(
-        f"{torch.get_num_threads()} threads; times in s; rates in patched forwards/s; "
-        f"torch {torch.__version__}, "
-        f"transformer-lens {version('transformer-lens')}, transformers {version('transformers')}"
+        f"{torch.get_num_threads()} threads; times in s; torch {torch.__version__}, transformer-lens "
+        f"{version('transformer-lens')}, transformers {version('transformers')}; plain batched forwards/s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+        + "; * = TL time extrapolated from a sample of rows"
     )
-    print(
-        f"{'model':<10}{'sweep':<24}{'patches':>7}{'TL':>10}{'ours':>9}{'x TL':>8}{'max|d|':>10}"
-        f"{'TL/s':>9}{'ours/s':>9}  {'fast path':<17}"
-    )
-    for model, tokens, label, lines in rows:
-        for line, note in lines:
-            print(line + note)
-        print(
-            f"{label:<10}{'plain batched forward':<24}{'':>7}{'':>10}{'':>9}{'':>8}{'':>10}{'':>9}"
-            f"{_plain_rate(model, tokens):>9.1f}   <- ceiling (batch 64, {tokens.shape[1]} tokens)"
-        )
+    header = [
+        "model",
+        "case",
+        "sweep",
+        "patches",
+        "TL (s)",
+        "ours (s)",
+        "x TL",
+        "limit (s)",
+        "x of the limit",
+        "max abs diff",
+        "fast path",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        cells = [
+            r.model,
+            r.case,
+            r.sweep,
+            str(r.patches),
+            f"{r.tl:.1f}{r.note}",
+            f"{r.ours:.2f}",
+            f"{r.tl / r.ours:.1f}",
+            f"{r.limit:.2f}",
+            f"{r.ours / max(r.limit, 1e-9):.2f}",
+            f"{r.diff:.1e}",
+            r.path,
+        ]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
