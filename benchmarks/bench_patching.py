@@ -99,9 +99,8 @@ def _limit(model, clean, corrupted, act: str, axes, shape, rate: float) -> float
     return work * corrupted.shape[0] / rate
 
 
-def _bench(
-    model_label, case, model, clean, corrupted, metric, sweep, setter, act, axes, tl_rows, rate
-) -> Row:
+def _bench(model_label, case, model, clean, corrupted, metric, spec, tl_rows, rate) -> Row:
+    sweep, setter, act, axes = spec
     _, cache = model.run_with_cache(clean)
     ours_fn = getattr(patching, sweep)
     t0 = time.perf_counter()
@@ -156,22 +155,9 @@ def main() -> None:
     target = toy(clean)[0, -1].argmax()
     metric = patching.logit_diff_metric(target, (target + 1) % 50)
     rate = _plain_rate(toy, clean)
-    for sweep, setter, act, axes in SWEEPS:
+    for spec in SWEEPS:
         rows.append(
-            _bench(
-                "toy-4L",
-                "token 3 of 16",
-                toy,
-                clean,
-                corrupted,
-                metric,
-                sweep,
-                setter,
-                act,
-                axes,
-                args.tl_rows,
-                rate,
-            )
+            _bench("toy-4L", "token 3 of 16", toy, clean, corrupted, metric, spec, args.tl_rows, rate)
         )
     rates = {"toy-4L": rate}
     if not args.skip_smollm2:
@@ -186,23 +172,12 @@ def main() -> None:
             for case, corrupt in CORRUPTIONS.items():
                 corrupted = model.to_tokens([corrupt(a, b) for a, b in pairs])
                 assert corrupted.shape == clean.shape, "every name must be one token"
-                for sweep, setter, act, axes in SWEEPS:
-                    rows.append(
-                        _bench(
-                            "SmolLM2",
-                            f"{case} x{batch}",
-                            model,
-                            clean,
-                            corrupted,
-                            metric,
-                            sweep,
-                            setter,
-                            act,
-                            axes,
-                            args.tl_rows,
-                            rate,
-                        )
+                for spec in SWEEPS:
+                    case_label = f"{case} x{batch}"
+                    row = _bench(
+                        "SmolLM2", case_label, model, clean, corrupted, metric, spec, args.tl_rows, rate
                     )
+                    rows.append(row)
 
     from importlib.metadata import version
 
