@@ -388,9 +388,9 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
             reasons["last_only"] = f"last-position logits off: logits_to_keep=1 failed ({why})"
     per_layer = False
     if layers and n_layers >= 2:
-        per_layer, why = _agrees(
-            run, 0, n_pos // 2 if positions else 0, joins=[0, n_layers // 2, n_layers - 1]
-        )
+        # two copies from the first block, so every per-row argument is grown as in a real chunk
+        joins = [0, 0, n_layers // 2, n_layers - 1]
+        per_layer, why = _agrees(run, 0, n_pos // 2 if positions else 0, joins=joins)
         if not per_layer:
             reasons["per_layer"] = f"per-layer joins off: copies joining at later blocks failed ({why})"
     status = FastPathStatus(layers, positions, last_only, "; ".join(reasons.values()) or None, per_layer)
