@@ -282,7 +282,7 @@ def test_clear_errors_for_bad_loads(toys) -> None:
         w.run(RepresentationContext(_tokens(1, batch=2), layers=1), sm, phase="load")
     with pytest.raises(ValueError, match="has no head axis"):
         w.run(RepresentationContext(_tokens(1), layers=1), sm, phase="heads")
-    with pytest.raises(ValueError, match=r"No StateConfig for phase 'laod'.*\['load'\]"):
+    with pytest.raises(ValueError, match=r"No StateConfig for phase 'laod' \(did you mean 'load'\?\)"):
         w.run(RepresentationContext(_tokens(1), layers=1), sm, phase="laod")
     with pytest.raises(ValueError, match=r"hook_result.*set_use_attn_result\(True\)"):
         w.run(RepresentationContext(_tokens(1), layers=1, hooks=("result",)))
