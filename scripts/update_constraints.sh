@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export VENV=.venv-upgrade MINTERP_UNCONSTRAINED=1 HF_HUB_OFFLINE=1
 rm -rf "$VENV"
 bash scripts/setup.sh
-VENV="$VENV" bash scripts/check.sh
+"$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . && "$VENV/bin/mypy" && "$VENV/bin/python" -m pytest -q
 {
   echo "# The exact versions the test suite last passed with (Python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())'), CPU)."
   echo "# scripts/setup.sh installs with -c constraints.txt; regenerate with scripts/update_constraints.sh."
