@@ -162,10 +162,16 @@ def _tiles(starts: Sequence[tuple[int, int]], per_forward: int, n_layers: int, n
 
 
 def _forward(
-    run: CorruptedRun, copies: int, l0: int, p0: int, hooks: list, last_only: bool = False
+    run: CorruptedRun,
+    copies: int,
+    l0: int,
+    p0: int,
+    hooks: list,
+    last_only: bool = False,
+    joins: Optional[list[int]] = None,
 ) -> Float[Tensor, "rows pos d_vocab"]:
     """One chunk's forward (:meth:`CorruptedRun.forward`); the one place chunks run, so tests can count."""
-    return run.forward(copies, l0, p0, hooks, last_only)
+    return run.forward(copies, l0, p0, hooks, last_only, joins)
 
 
 def run_patched(
@@ -213,9 +219,15 @@ def run_patched(
         check(model, corrupted) if todo else FastPathStatus(False, False, False, "no patch needed a forward")
     )
     last_only = last_only and status.last_only
-    starts = [(patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo]
+    # with per-layer joins a copy's layers cost only from its own block: tiles group by position alone
+    tile_by_layer = status.layers and not status.per_layer
+    starts = [(patches[i].layer if tile_by_layer else 0, first[i] if status.positions else 0) for i in todo]
     chunks = [[todo[j] for j in chunk] for chunk in _tiles(starts, per_forward, n_layers, n_pos)]
     for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
+        joins = None
+        if status.per_layer:
+            chunk = sorted(chunk, key=lambda i: patches[i].layer)  # copy c joins at its own block
+            joins = [patches[i].layer for i in chunk]
         l0 = min(patches[i].layer for i in chunk) if status.layers else 0
         p0 = min(first[i] for i in chunk) if status.positions else 0
         by_name: dict[str, list[tuple[int, Patch]]] = defaultdict(list)
@@ -251,7 +263,7 @@ def run_patched(
             return hook
 
         hooks = [(n, make_hook(n, items)) for n, items in by_name.items()]
-        logits = _forward(corrupted, len(chunk), l0, p0, hooks, last_only)
+        logits = _forward(corrupted, len(chunk), l0, p0, hooks, last_only, joins)
         for c, i in enumerate(chunk):
             out = logits[c * b : (c + 1) * b]
             if p0 > 0 and not last_only:

@@ -45,13 +45,17 @@ class FastPathStatus:
             key/value cache.
         last_only: Metrics that read only the last position get only its logits (``logits_to_keep=1``:
             on Hugging Face models only that position is unembedded).
-        reason: Why a part is off (``None`` when all three are on).
+        reason: Why a part is off (``None`` when all are on).
+        per_layer: Each copy of a chunk joins the batch at its own patched block, from the corrupted
+            residual there (the batch grows as the forward climbs), instead of every copy starting at the
+            chunk's lowest patched block.
     """
 
     layers: bool
     positions: bool
     last_only: bool
     reason: Optional[str] = None
+    per_layer: bool = False
 
 
 _LAST: weakref.WeakKeyDictionary[Any, FastPathStatus] = weakref.WeakKeyDictionary()
@@ -222,32 +226,96 @@ class CorruptedRun:
                     self.logits = model(self.tokens)
                 return None
 
-    def past(self, p0: int, copies: int) -> Any:
-        """A key/value cache of positions ``0..p0-1`` for ``copies`` copies of the batch, in the row order
-        of ``tokens.repeat(copies, 1)`` (copy ``c`` is rows ``c * batch .. (c + 1) * batch - 1``)."""
+    def past(self, p0: int, copies: Sequence[int]) -> Any:
+        """A key/value cache of positions ``0..p0-1`` holding, at layer ``l``, ``copies[l]`` copies of the
+        batch, in the row order of ``tokens.repeat(copies[l], 1)`` (copy ``c`` is rows
+        ``c * batch .. (c + 1) * batch - 1``)."""
         assert self.kv is not None
         cache = _new_cache()
         for layer, (k, v) in enumerate(self.kv):
-            cache.update(
-                k[..., :p0, :].repeat(copies, 1, 1, 1), v[..., :p0, :].repeat(copies, 1, 1, 1), layer
-            )
+            n = copies[layer]
+            cache.update(k[..., :p0, :].repeat(n, 1, 1, 1), v[..., :p0, :].repeat(n, 1, 1, 1), layer)
         return cache
 
+    @contextmanager
+    def _joining(self, joins: Sequence[int], p0: int) -> Iterator[None]:
+        """While open, copy ``c`` of a resumed forward joins the batch at block ``joins[c]`` (``joins``
+        ascending). The model's layer loop passes every block the arguments it built for the rows it
+        started with; a forward pre-hook on each block from the first later join on appends the rows of
+        the copies joining there (the corrupted residual, positions ``p0..``) and repeats each per-row
+        argument (masks, position embeddings, position ids: the same for every copy, at least 2-D with
+        the loop's row count first) to the rows active at that block. Arguments with one row broadcast
+        and are left alone."""
+        b, model = self.tokens.shape[0], self.model
+        loop_rows = joins.count(joins[0]) * b
+        handles = []
+
+        def grow_at(layer: int, total: int) -> Any:
+            def grow(x: Any) -> Any:
+                if isinstance(x, Tensor) and x.ndim >= 2 and x.shape[0] == loop_rows > 1:
+                    return x[:b].repeat(total, *([1] * (x.ndim - 1)))
+                return tuple(grow(y) for y in x) if isinstance(x, tuple) else x
+
+            def pre(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                joining = total - hidden.shape[0] // b
+                if joining > 0:
+                    extra = self.acts[f"blocks.{layer}.hook_resid_pre"][:, p0:].repeat(joining, 1, 1)
+                    hidden = torch.cat([hidden, extra.to(hidden.dtype)], dim=0)
+                kwargs = {k: grow(v) for k, v in kwargs.items() if k != "hidden_states"}
+                if args:
+                    return (hidden, *(grow(a) for a in args[1:])), kwargs
+                return args, {**kwargs, "hidden_states": hidden}
+
+            return pre
+
+        later = [j for j in joins if j != joins[0]]
+        try:
+            for layer in range(later[0], int(model.cfg.n_layers)) if later else ():
+                total = sum(1 for j in joins if j <= layer)
+                handles.append(
+                    model.blocks[layer].register_forward_pre_hook(grow_at(layer, total), with_kwargs=True)
+                )
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def forward(
-        self, copies: int, l0: int, p0: int, hooks: Sequence[tuple[str, Any]], last_only: bool = False
+        self,
+        copies: int,
+        l0: int,
+        p0: int,
+        hooks: Sequence[tuple[str, Any]],
+        last_only: bool = False,
+        joins: Optional[Sequence[int]] = None,
     ) -> Float[Tensor, "rows pos d_vocab"]:
         """Logits ``[copies * batch, pos - p0, d_vocab]`` of ``copies`` copies of the corrupted batch run
         with ``hooks``, starting at block ``l0`` (from the corrupted residual) and position ``p0`` (from
         the corrupted keys and values); ``l0 = p0 = 0`` is a plain forward. ``last_only``: only the last
-        position's logits, ``[copies * batch, 1, d_vocab]``."""
+        position's logits, ``[copies * batch, 1, d_vocab]``. ``joins``: copy ``c`` joins at block
+        ``joins[c]`` instead (ascending, ``joins[0] == l0``; see :meth:`_joining`)."""
         model = self.model
         extra = {"logits_to_keep": 1} if last_only else {}
+        joins = list(joins) if joins is not None else [l0] * copies
+        if len(joins) != copies or joins != sorted(joins) or joins[0] != l0:
+            raise ValueError(f"joins must be {copies} ascending blocks starting at l0={l0}, got {joins}")
+        growing = joins[-1] != l0
         with torch.no_grad():
-            if l0 == 0 and p0 == 0 and not last_only:
+            if l0 == 0 and p0 == 0 and not last_only and not growing:
                 return model.run_with_hooks(self.tokens.repeat(copies, 1), fwd_hooks=list(hooks))
-            resid = self.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(copies, 1, 1)
-            past = self.past(p0, copies) if p0 > 0 else None
-            with _skip_blocks(model, l0, self.block_tuple_len), _cache_kwarg_shim(model):
+            first = joins.count(l0)
+            resid = self.acts[f"blocks.{l0}.hook_resid_pre"][:, p0:].repeat(first, 1, 1)
+            n_layers = int(model.cfg.n_layers)
+            # rows per layer; the skipped blocks below l0 hold the first copies too (the model reads the
+            # cache's length from layer 0)
+            at = [sum(1 for j in joins if j <= max(layer, l0)) for layer in range(n_layers)]
+            past = self.past(p0, at) if p0 > 0 else None
+            with (
+                _skip_blocks(model, l0, self.block_tuple_len),
+                _cache_kwarg_shim(model),
+                self._joining(joins, p0),
+            ):
                 out = model.run_with_hooks(
                     resid, fwd_hooks=list(hooks), start_at_layer=l0, past_key_values=past, **extra
                 )
@@ -264,13 +332,17 @@ def _short(err: BaseException, limit: int = 160) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _agrees(run: CorruptedRun, l0: int, p0: int, last_only: bool = False) -> tuple[bool, str]:
-    """Whether the forward resumed at ``(l0, p0)`` gives the plain corrupted run's logits."""
+def _agrees(
+    run: CorruptedRun, l0: int, p0: int, last_only: bool = False, joins: Optional[list[int]] = None
+) -> tuple[bool, str]:
+    """Whether the forward resumed at ``(l0, p0)`` (with copies joining at ``joins``) gives the plain
+    corrupted run's logits."""
+    copies = 1 if joins is None else len(joins)
     try:
-        out = run.forward(1, l0, p0, [], last_only=last_only)
+        out = run.forward(copies, l0, p0, [], last_only=last_only, joins=joins)
     except Exception as err:  # noqa: BLE001 - any failure means: this start is off
         return False, f"{type(err).__name__}: {_short(err)}"
-    want = run.logits[:, -1:] if last_only else run.logits[:, p0:]
+    want = (run.logits[:, -1:] if last_only else run.logits[:, p0:]).repeat(copies, 1, 1)
     if out.shape != want.shape:
         return False, f"it gave logits of shape {tuple(out.shape)}, expected {tuple(want.shape)}"
     diff = float((out - want).abs().max())
@@ -319,7 +391,20 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
         last_only, why = _agrees(run, l0, n_pos // 2 if positions else 0, last_only=True)
         if not last_only:
             reasons["last_only"] = f"last-position logits off: logits_to_keep=1 failed ({why})"
-    status = FastPathStatus(layers, positions, last_only, "; ".join(reasons.values()) or None)
+    per_layer = False
+    if layers and n_layers >= 2:
+        # two copies from the first block (per-row arguments are grown), then one (they broadcast) with
+        # one query position: the shapes a real chunk can give the model's layer loop
+        tries = [
+            ([0, 0, n_layers // 2, n_layers - 1], n_pos // 2),
+            ([0, n_layers // 2, n_layers - 1], n_pos - 1),
+        ]
+        for joins, p0 in tries:
+            per_layer, why = _agrees(run, 0, p0 if positions else 0, joins=joins)
+            if not per_layer:
+                reasons["per_layer"] = f"per-layer joins off: copies joining at later blocks failed ({why})"
+                break
+    status = FastPathStatus(layers, positions, last_only, "; ".join(reasons.values()) or None, per_layer)
     _LAST[model] = status
     if warn:
         warned = _WARNED.setdefault(model, set())

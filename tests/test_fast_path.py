@@ -32,13 +32,13 @@ def _metric(clean_logits):
 
 
 def _counting(monkeypatch) -> list[tuple[int, int, int]]:
-    """Record (copies, l0, p0) of every chunk's forward."""
+    """Record (copies, last block a copy joins at, p0) of every chunk's forward."""
     seen: list[tuple[int, int, int]] = []
     real = _patch_engine._forward
 
-    def forward(run, copies, l0, p0, *args, **kwargs):
-        seen.append((copies, l0, p0))
-        return real(run, copies, l0, p0, *args, **kwargs)
+    def forward(run, copies, l0, p0, hooks, last_only=False, joins=None):
+        seen.append((copies, max(joins) if joins else l0, p0))
+        return real(run, copies, l0, p0, hooks, last_only, joins)
 
     monkeypatch.setattr(_patch_engine, "_forward", forward)
     return seen
@@ -52,7 +52,7 @@ def test_fast_path_is_on_and_exact_on_hf_families(hf_model, family, monkeypatch)
     clean, corrupted = _pair(model, batch=2, pos=6)
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
-    assert patching.fast_path_status(model, corrupted) == FastPathStatus(True, True, True), (
+    assert patching.fast_path_status(model, corrupted) == FastPathStatus(True, True, True, per_layer=True), (
         transformers.__version__
     )
     seen = _counting(monkeypatch)
@@ -71,7 +71,7 @@ def test_fast_path_is_on_and_exact_on_hf_families(hf_model, family, monkeypatch)
             assert any(p0 > 0 for _, _, p0 in seen)  # the fast path ran
             if max_batch == 2:  # one copy per forward: each starts at its own block and position
                 assert any(l0 > 0 and p0 > 0 for _, l0, p0 in seen)
-    assert patching.fast_path_status(model) == FastPathStatus(True, True, True)
+    assert patching.fast_path_status(model) == FastPathStatus(True, True, True, per_layer=True)
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "llama"])
@@ -111,10 +111,13 @@ def test_our_key_value_cache_holds_the_models_keys(hf_model, family) -> None:
         name = name if name in cache.cache_dict else f"blocks.{layer}.attn.hook_k"
         assert torch.allclose(keys.transpose(1, 2), cache[name], atol=1e-5)
         assert torch.allclose(values.transpose(1, 2), cache[f"blocks.{layer}.attn.hook_v"], atol=1e-5)
-    past = run.past(3, copies=2)  # positions 0..2, copy-major rows: b0 b1 b0 b1
+    n_layers = model.cfg.n_layers
+    past = run.past(3, [2] * n_layers)  # positions 0..2, copy-major rows: b0 b1 b0 b1
     k0 = past.layers[0].keys
     assert k0.shape[0] == 4 and k0.shape[-2] == 3
     assert torch.equal(k0[2:], run.kv[0][0][..., :3, :]) and torch.equal(k0[:2], k0[2:])
+    grown = run.past(3, [1] + [3] * (n_layers - 1))  # a copy per layer: the rows active there
+    assert grown.layers[0].keys.shape[0] == 2 and grown.layers[-1].keys.shape[0] == 6
 
 
 def test_sliding_window_is_decided_per_call(hf_model, monkeypatch) -> None:
@@ -158,9 +161,10 @@ def test_native_toys_start_at_layers_and_say_why_not_at_positions(toys, monkeypa
     ) as said:
         ours = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False)
     runtime = [w for w in said if issubclass(w.category, RuntimeWarning)]
-    assert len(runtime) == 1 and runtime[0].filename == __file__  # reported at the caller's line
+    assert len(runtime) == 1 and runtime[0].filename == __file__  # said once, at the caller's line
     status = patching.fast_path_status(model)
-    assert status == FastPathStatus(True, False, True, status.reason) and "key/value cache" in status.reason
+    assert status == FastPathStatus(True, False, True, status.reason, per_layer=True)
+    assert "key/value cache" in status.reason
     assert any(l0 > 0 for _, l0, _ in seen) and all(p0 == 0 for _, _, p0 in seen)
     ref = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
     assert (ours - ref).abs().max() <= TOL
@@ -254,3 +258,31 @@ def test_a_setter_that_is_not_deterministic_is_refused(hf_model) -> None:
             progress=False,
             max_batch=1,
         )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_copies_join_the_batch_at_their_own_block(hf_model, family, monkeypatch) -> None:
+    """With per-layer joins, a chunk's copies are ordered by patched block and each joins the batch there
+    (the batch grows as the forward climbs): fewer layers are computed than from the chunk's lowest block,
+    and every value still equals TransformerLens's."""
+    model = hf_model(family)
+    clean, corrupted = _pair(model, batch=2, pos=6)
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+    joined: list[list[int]] = []
+    real = _patch_engine._forward
+
+    def forward(run, copies, l0, p0, hooks, last_only=False, joins=None):
+        joined.append(list(joins))
+        return real(run, copies, l0, p0, hooks, last_only, joins)
+
+    monkeypatch.setattr(_patch_engine, "_forward", forward)
+    for fn in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos"):
+        joined.clear()
+        ours = getattr(patching, fn)(model, corrupted, cache, metric, progress=False)
+        ref = getattr(tl_patching, fn)(model, corrupted, cache, metric)
+        assert (ours - ref).abs().max() <= TOL, fn
+        assert patching.fast_path_status(model).per_layer
+        assert any(j[-1] > j[0] for j in joined) and all(j == sorted(j) for j in joined)
+        n = model.cfg.n_layers
+        assert sum(n - layer for j in joined for layer in j) < sum(len(j) * (n - j[0]) for j in joined)

@@ -242,7 +242,9 @@ def test_smollm2_skipping_path_equals_transformer_lens(smollm2, act, setter, axe
         smollm2, corrupted, cache, metric, setter, act, index_df=df, progress=False, max_batch=4
     )
     ref = tl_patching.generic_activation_patch(smollm2, corrupted, cache, metric, setter, act, index_df=df)
-    assert patching.fast_path_status(smollm2) == FastPathStatus(layers=True, positions=True, last_only=True)
+    assert patching.fast_path_status(smollm2) == FastPathStatus(
+        layers=True, positions=True, last_only=True, per_layer=True
+    )
     assert (ours - ref).abs().max() <= TOL
     assert ref.abs().max() > 0.1
 
