@@ -161,6 +161,38 @@ def _tiles(starts: Sequence[tuple[int, int]], per_forward: int, n_layers: int, n
     return chunks
 
 
+def _position_chunks(
+    starts: Sequence[tuple[int, int]], per_forward: int, n_layers: int, n_pos: int, batch: int
+) -> list[list[int]]:
+    """Group patches, given as their ``(layer, first changed position)``, into chunks of at most
+    ``per_forward`` copies for per-layer joins, where a copy costs only the layers from its own block up
+    and a chunk starts at its lowest position: the split of the list ordered by position (and, within a
+    position, from the highest layer down, so a chunk that reaches into the next position takes its
+    cheapest copies) into consecutive chunks that minimises the modelled cost ``sum over chunks of
+    (overhead + sum over members of (n_layers - l) (n_pos - p0) / (n_layers n_pos))`` (exact, by dynamic
+    programming)."""
+    import numpy as np
+
+    order = sorted(range(len(starts)), key=lambda i: (starts[i][1], -starts[i][0]))
+    m = len(order)
+    weight = np.array([(n_layers - starts[i][0]) / n_layers for i in order])
+    span = np.array([(n_pos - starts[i][1]) / n_pos for i in order])
+    prefix = np.concatenate([[0.0], np.cumsum(weight)])
+    overhead = _FORWARD_OVERHEAD / batch  # in copies of the batch
+    best = np.zeros(m + 1)
+    cut = np.zeros(m + 1, dtype=np.int64)
+    for end in range(1, m + 1):
+        begin = np.arange(max(0, end - per_forward), end)  # the chunk is order[begin:end]
+        cost = best[begin] + overhead + span[begin] * (prefix[end] - prefix[begin])
+        k = int(cost.argmin())
+        best[end], cut[end] = cost[k], begin[k]
+    chunks, end = [], m
+    while end > 0:
+        chunks.append(order[cut[end] : end])
+        end = int(cut[end])
+    return chunks[::-1]
+
+
 def _forward(
     run: CorruptedRun,
     copies: int,
@@ -219,10 +251,12 @@ def run_patched(
         check(model, corrupted) if todo else FastPathStatus(False, False, False, "no patch needed a forward")
     )
     last_only = last_only and status.last_only
-    # with per-layer joins a copy's layers cost only from its own block: tiles group by position alone
-    tile_by_layer = status.layers and not status.per_layer
-    starts = [(patches[i].layer if tile_by_layer else 0, first[i] if status.positions else 0) for i in todo]
-    chunks = [[todo[j] for j in chunk] for chunk in _tiles(starts, per_forward, n_layers, n_pos)]
+    starts = [(patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo]
+    if status.per_layer:  # a copy's layers cost only from its own block up
+        split = _position_chunks(starts, per_forward, n_layers, n_pos, b)
+    else:
+        split = _tiles(starts, per_forward, n_layers, n_pos)
+    chunks = [[todo[j] for j in chunk] for chunk in split]
     for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
         joins = None
         if status.per_layer:

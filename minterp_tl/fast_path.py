@@ -349,61 +349,71 @@ def _agrees(
     return (diff <= TOLERANCE, f"its logits differ from the plain run by {diff:.2g} (> {TOLERANCE:g})")
 
 
+def _join_tries(n_layers: int) -> list[tuple[list[int], bool]]:
+    """Resumed forwards (copies' joining blocks, last position only) that together exercise what a real
+    chunk can ask of the model: skipped blocks below the start, per-row arguments grown from two copies
+    and from one (where they may broadcast), full and last-position logits."""
+    top, start = n_layers - 1, 1 if n_layers >= 3 else n_layers - 1
+    tries = [([start, start, top], False), ([0, top], True)]
+    return tries + ([([0, 0, 1], False)] if n_layers == 2 else [])
+
+
 def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus:
     """Decide, for this call's corrupted tokens, which starts reproduce the plain corrupted run.
 
-    Every start is tried once at the middle block (and the middle position) and compared with the
-    corrupted logits; a start that fails or disagrees is off for this call. Position starts are also off
-    when the model has no key/value cache, or when the prompt is longer than its sliding attention
-    window. With ``warn``, each reason is reported once per model with ``warnings.warn``. The decision
-    is recorded for :func:`last_status`.
+    First what rules a start out without a forward: no blocks stack, no key/value cache, a prompt longer
+    than the model's sliding attention window. Then a few resumed forwards of a handful of copies that
+    together use every start (:func:`_join_tries`, at the middle position) are compared with the corrupted
+    logits; when they all agree the fast path is on. When one fails or disagrees, each start is tried on
+    its own (at the middle block and position) and what fails is off for this call. With ``warn``, each
+    reason is reported once per model with ``warnings.warn``. The decision is recorded for
+    :func:`last_status`.
     """
     n_layers, n_pos = model.cfg.n_layers, run.tokens.shape[1]
     reasons: dict[str, str] = {}  # kind -> text; a kind is warned about once per model
-    l0 = n_layers // 2
-    layers, why = (
-        (False, "the model has no blocks stack") if not hasattr(model, "blocks") else _agrees(run, l0, 0)
-    )
-    if not layers:
-        reasons["layers"] = (
-            f"layer start off: resuming at block {l0} from the corrupted residual failed ({why})"
-        )
-    positions = False
-    window = _sliding_window(model)
-    if not layers or n_pos < 2:
-        pass
-    elif run.kv is None:
+    l0, window = n_layers // 2, _sliding_window(model)
+    positions = n_pos >= 2 and run.kv is not None and (window is None or n_pos <= window)
+    if run.kv is None:
         reasons["no-cache"] = f"position start off: {run.kv_reason}"
     elif window is not None and n_pos > window:
         reasons["window"] = (
             f"position start off for prompts longer than the sliding attention window of "
             f"{window} tokens (this one has {n_pos})"
         )
-    else:
-        positions, why = _agrees(run, l0, n_pos // 2)
-        if not positions:
-            reasons["positions"] = (
-                f"position start off: resuming at block {l0}, position {n_pos // 2} from "
-                f"the corrupted key/value cache failed ({why})"
+    if not hasattr(model, "blocks"):
+        reasons = {"layers": "layer start off: the model has no blocks stack"}
+        layers = positions = last_only = per_layer = False
+    elif all(
+        _agrees(run, joins[0], n_pos // 2 if positions else 0, last_only=last, joins=joins)[0]
+        for joins, last in _join_tries(n_layers)
+    ):
+        layers = last_only = per_layer = True
+    else:  # find which part fails
+        layers, why = _agrees(run, l0, 0)
+        if not layers:
+            reasons["layers"] = (
+                f"layer start off: resuming at block {l0} from the corrupted residual failed ({why})"
             )
-    last_only = False
-    if layers:
-        last_only, why = _agrees(run, l0, n_pos // 2 if positions else 0, last_only=True)
-        if not last_only:
-            reasons["last_only"] = f"last-position logits off: logits_to_keep=1 failed ({why})"
-    per_layer = False
-    if layers and n_layers >= 2:
-        # two copies from the first block (per-row arguments are grown), then one (they broadcast) with
-        # one query position: the shapes a real chunk can give the model's layer loop
-        tries = [
-            ([0, 0, n_layers // 2, n_layers - 1], n_pos // 2),
-            ([0, n_layers // 2, n_layers - 1], n_pos - 1),
-        ]
-        for joins, p0 in tries:
-            per_layer, why = _agrees(run, 0, p0 if positions else 0, joins=joins)
-            if not per_layer:
-                reasons["per_layer"] = f"per-layer joins off: copies joining at later blocks failed ({why})"
-                break
+            positions = False
+        if positions:
+            positions, why = _agrees(run, l0, n_pos // 2)
+            if not positions:
+                reasons["positions"] = (
+                    f"position start off: resuming at block {l0}, position {n_pos // 2} from "
+                    f"the corrupted key/value cache failed ({why})"
+                )
+        last_only = per_layer = False
+        if layers:
+            last_only, why = _agrees(run, l0, n_pos // 2 if positions else 0, last_only=True)
+            if not last_only:
+                reasons["last_only"] = f"last-position logits off: logits_to_keep=1 failed ({why})"
+            for joins, _ in _join_tries(n_layers):
+                per_layer, why = _agrees(run, joins[0], n_pos // 2 if positions else 0, joins=joins)
+                if not per_layer:
+                    reasons["per_layer"] = (
+                        f"per-layer joins off: copies joining at later blocks failed ({why})"
+                    )
+                    break
     status = FastPathStatus(layers, positions, last_only, "; ".join(reasons.values()) or None, per_layer)
     _LAST[model] = status
     if warn:

@@ -277,7 +277,7 @@ def test_copies_join_the_batch_at_their_own_block(hf_model, family, monkeypatch)
         return real(run, copies, l0, p0, hooks, last_only, joins)
 
     monkeypatch.setattr(_patch_engine, "_forward", forward)
-    for fn in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos"):
+    for fn in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos", "get_act_patch_mlp_out"):
         joined.clear()
         ours = getattr(patching, fn)(model, corrupted, cache, metric, progress=False)
         ref = getattr(tl_patching, fn)(model, corrupted, cache, metric)
@@ -286,3 +286,56 @@ def test_copies_join_the_batch_at_their_own_block(hf_model, family, monkeypatch)
         assert any(j[-1] > j[0] for j in joined) and all(j == sorted(j) for j in joined)
         n = model.cfg.n_layers
         assert sum(n - layer for j in joined for layer in j) < sum(len(j) * (n - j[0]) for j in joined)
+
+
+def test_per_layer_joins_off_when_they_fail_and_values_stay_exact(hf_model, monkeypatch) -> None:
+    """When copies joining at later blocks fail, the quick check fails, each start is then tried on its
+    own: the others stay on, per-layer joins are off with the reason, and values still equal TL's."""
+    monkeypatch.setattr(fast_path, "_WARNED", weakref.WeakKeyDictionary())
+    model = hf_model("llama")
+    clean, corrupted = _pair(model, batch=2, pos=6)
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+    real = CorruptedRun._joining
+
+    def joining(self, joins, p0):
+        if len(set(joins)) > 1:
+            raise RuntimeError("a per-row argument the hook cannot see")
+        return real(self, joins, p0)
+
+    monkeypatch.setattr(CorruptedRun, "_joining", joining)
+    with pytest.warns(RuntimeWarning, match="per-layer joins off: .*a per-row argument the hook cannot see"):
+        ours = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
+    status = patching.fast_path_status(model)
+    assert status == FastPathStatus(True, True, True, status.reason, per_layer=False)
+    assert (ours - tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)).abs().max() <= TOL
+
+
+def test_position_chunks_are_the_cheapest_consecutive_split() -> None:
+    """The per-layer chunker covers every patch once, respects the chunk size, and its modelled cost is
+    the minimum over every split of its order into consecutive chunks (brute force on small cases)."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    n_layers, n_pos = 6, 8
+
+    def cost(chunk, starts, batch):
+        p0 = min(starts[i][1] for i in chunk)
+        work = sum((n_layers - starts[i][0]) / n_layers for i in chunk) * (n_pos - p0) / n_pos
+        return _patch_engine._FORWARD_OVERHEAD / batch + work
+
+    for trial in range(30):
+        m, per_forward, batch = rng.randint(1, 9), rng.randint(1, 5), rng.choice([1, 8])
+        starts = [(rng.randrange(n_layers), rng.randrange(n_pos)) for _ in range(m)]
+        chunks = _patch_engine._position_chunks(starts, per_forward, n_layers, n_pos, batch)
+        assert sorted(i for c in chunks for i in c) == list(range(m))
+        assert all(0 < len(c) <= per_forward for c in chunks)
+        order = [i for c in chunks for i in c]
+        best = min(
+            sum(cost(order[a:b], starts, batch) for a, b in zip((0, *cuts), (*cuts, m)))
+            for k in range(m)
+            for cuts in itertools.combinations(range(1, m), k)
+            if all(b - a <= per_forward for a, b in zip((0, *cuts), (*cuts, m)))
+        )
+        assert sum(cost(c, starts, batch) for c in chunks) == pytest.approx(best), trial
