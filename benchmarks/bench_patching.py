@@ -9,7 +9,8 @@ their ratio, max |difference| of the results, which starts of the fast path were
 a patch can change, measured in the same run. A patch at layer ``l`` and position ``p`` can change only the
 layers ``>= l`` at the positions ``>= p`` (causality), and nothing at all when the clean activation equals
 the corrupted one there; the limit is the sum over patches of that fraction of ``n_layers x n_pos``, in
-plain batched forwards (``model(tokens.repeat(...))`` at 64 sequences, timed here). SmolLM2 runs with one
+plain batched forwards (``model(tokens.repeat(...))`` at 64 sequences, timed just before and just after
+our run, as the machine's speed drifts). SmolLM2 runs with one
 prompt per patched copy (batch 1) and with eight IOI pairs at once (batch 8, other names).
 
 TransformerLens runs one forward per index; where that would take too long (``--tl-rows``), it runs a
@@ -65,6 +66,7 @@ class Row:
     tl: float
     ours: float
     limit: float
+    rate: float
     diff: float
     path: str
     note: str
@@ -99,16 +101,19 @@ def _limit(model, clean, corrupted, act: str, axes, shape, rate: float) -> float
     return work * corrupted.shape[0] / rate
 
 
-def _bench(model_label, case, model, clean, corrupted, metric, spec, tl_rows, rate) -> Row:
+def _bench(model_label, case, model, clean, corrupted, metric, spec, tl_rows) -> Row:
     sweep, setter, act, axes = spec
     _, cache = model.run_with_cache(clean)
     ours_fn = getattr(patching, sweep)
+    before = _plain_rate(model, corrupted)
     t0 = time.perf_counter()
     ours = ours_fn(model, corrupted, cache, metric, progress=False)
     t_ours = time.perf_counter() - t0
+    rate = 2 / (1 / before + 1 / _plain_rate(model, corrupted))  # the machine's speed around our run
     n = ours.numel()
-    status = patching.fast_path_status(model, corrupted)
-    path = "+".join(part for part in ("layers", "positions") if getattr(status, part)) or "off"
+    status = patching.fast_path_status(model)
+    parts = [("layers", "layers"), ("per_layer", "joins"), ("positions", "positions")]
+    path = "+".join(label for part, label in parts if getattr(status, part)) or "off"
     if n <= tl_rows:
         t0 = time.perf_counter()
         ref = getattr(tl, sweep)(model, corrupted, cache, metric)
@@ -124,7 +129,7 @@ def _bench(model_label, case, model, clean, corrupted, metric, spec, tl_rows, ra
         diff = float((ours[idx] - ref).abs().max())
     limit = _limit(model, clean, corrupted, act, axes, tuple(ours.shape), rate)
     return Row(
-        model_label, case, sweep.replace("get_act_patch_", ""), n, t_tl, t_ours, limit, diff, path, note
+        model_label, case, sweep.replace("get_act_patch_", ""), n, t_tl, t_ours, limit, rate, diff, path, note
     )
 
 
@@ -154,12 +159,8 @@ def main() -> None:
     corrupted[0, 3] = (clean[0, 3] + 1) % 50
     target = toy(clean)[0, -1].argmax()
     metric = patching.logit_diff_metric(target, (target + 1) % 50)
-    rate = _plain_rate(toy, clean)
     for spec in SWEEPS:
-        rows.append(
-            _bench("toy-4L", "token 3 of 16", toy, clean, corrupted, metric, spec, args.tl_rows, rate)
-        )
-    rates = {"toy-4L": rate}
+        rows.append(_bench("toy-4L", "token 3 of 16", toy, clean, corrupted, metric, spec, args.tl_rows))
     if not args.skip_smollm2:
         model = load_model(progress=False)
         for batch in (int(b) for b in args.batches.split(",")):
@@ -168,24 +169,21 @@ def main() -> None:
             answers = [model.to_single_token(f" {a}") for a, _ in pairs]
             wrong = [model.to_single_token(f" {b}") for _, b in pairs]
             metric = patching.logit_diff_metric(answers, wrong)
-            rate = rates.setdefault("SmolLM2", _plain_rate(model, clean))
             for case, corrupt in CORRUPTIONS.items():
                 corrupted = model.to_tokens([corrupt(a, b) for a, b in pairs])
                 assert corrupted.shape == clean.shape, "every name must be one token"
                 for spec in SWEEPS:
                     case_label = f"{case} x{batch}"
-                    row = _bench(
-                        "SmolLM2", case_label, model, clean, corrupted, metric, spec, args.tl_rows, rate
-                    )
+                    row = _bench("SmolLM2", case_label, model, clean, corrupted, metric, spec, args.tl_rows)
                     rows.append(row)
 
     from importlib.metadata import version
 
     print(
         f"{torch.get_num_threads()} threads; times in s; torch {torch.__version__}, transformer-lens "
-        f"{version('transformer-lens')}, transformers {version('transformers')}; plain batched forwards/s: "
-        + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
-        + "; * = TL time extrapolated from a sample of rows"
+        f"{version('transformer-lens')}, transformers {version('transformers')}; plain seq/s: the plain "
+        "batched rate measured just before and after our run (the limit's rate); * = TL time extrapolated "
+        "from a sample of rows"
     )
     header = [
         "model",
@@ -195,6 +193,7 @@ def main() -> None:
         "TL (s)",
         "ours (s)",
         "x TL",
+        "plain seq/s",
         "limit (s)",
         "x of the limit",
         "max abs diff",
@@ -211,6 +210,7 @@ def main() -> None:
             f"{r.tl:.1f}{r.note}",
             f"{r.ours:.2f}",
             f"{r.tl / r.ours:.1f}",
+            f"{r.rate:.1f}",
             f"{r.limit:.2f}",
             f"{r.ours / max(r.limit, 1e-9):.2f}",
             f"{r.diff:.1e}",

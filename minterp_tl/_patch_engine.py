@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from minterp_tl._checks import positive_int
-from minterp_tl.fast_path import CorruptedRun, FastPathStatus, check
+from minterp_tl.fast_path import TOLERANCE, CorruptedRun, FastPathStatus, assume, check, record
 from minterp_tl.hooks import hook_layout
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +206,110 @@ def _forward(
     return run.forward(copies, l0, p0, hooks, last_only, joins)
 
 
+class _SetterError(Exception):
+    """An error raised inside a chunk's forward by a patch setter (or by the engine about one): re-raised
+    to the caller as it is, never taken for a fast-path failure."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _patch_hook(
+    name: str, items: list[tuple[int, Patch]], corrupted: CorruptedRun, p0: int
+) -> Callable[..., Tensor]:
+    """The forward hook at ``name`` that patches copy ``c`` (rows ``c * batch ..``) for each ``(c, patch)``
+    of ``items``; with ``p0 > 0`` each setter gets the full-length activation (the corrupted prefix in
+    front) and must leave that prefix as it is."""
+    b = corrupted.tokens.shape[0]
+    pos_axis = hook_layout(name, 4)[0]
+    assert pos_axis is not None  # every four-axis hook has a position axis
+
+    def hook(act: Tensor, hook: Any = None) -> Tensor:
+        act = act.clone()
+        prefix = corrupted.acts[name].narrow(pos_axis, 0, p0) if p0 > 0 else None
+        for c, patch in items:
+            part = act[c * b : (c + 1) * b]
+            full = part if prefix is None else torch.cat([prefix, part], dim=pos_axis)
+            try:
+                out = patch.setter(full, patch.index, patch.clean)
+            except Exception as err:  # noqa: BLE001 - the setter's own error, re-raised as it is
+                raise _SetterError(err) from err
+            if prefix is not None:
+                if not torch.equal(out.narrow(pos_axis, 0, p0), prefix):
+                    raise _SetterError(
+                        RuntimeError(
+                            f"the patch setter for {name} at index {list(patch.index)} changed positions "
+                            f"before {p0} in the patched run, but not when it was called on the corrupted "
+                            "activation beforehand: setters must be deterministic functions of "
+                            "(activation, index, clean)."
+                        )
+                    )
+                out = out.narrow(pos_axis, p0, out.shape[pos_axis] - p0)
+            if out is not part:
+                act[c * b : (c + 1) * b] = out
+        return act
+
+    return hook
+
+
+def _run_chunk(
+    corrupted: CorruptedRun,
+    patches: Sequence[Patch],
+    chunk: Sequence[int],
+    first: dict[int, int],
+    status: FastPathStatus,
+    last_only: bool,
+) -> Optional[dict[int, Tensor]]:
+    """Run the patches ``chunk`` in one forward, as ``status`` allows; their logits by patch number
+    (full length, or the last position with ``last_only``).
+
+    A resumed forward carries *sentinels*: unpatched copies that join with the chunk's first copies and
+    with its last ones. Their logits must reproduce the corrupted run's (to ``TOLERANCE``); when they do
+    not, or the resumed forward fails, this returns ``None``: the fast path as configured is not exact
+    on this chunk. A plain forward from the tokens needs no sentinel; a setter's error is re-raised.
+    """
+    b = corrupted.tokens.shape[0]
+    chunk = sorted(chunk, key=lambda i: patches[i].layer) if status.per_layer else list(chunk)
+    l0 = min(patches[i].layer for i in chunk) if status.layers else 0
+    p0 = min(first[i] for i in chunk) if status.positions else 0
+    joins = [patches[i].layer for i in chunk] if status.per_layer else [l0] * len(chunk)
+    slots: list[Optional[int]] = list(chunk)  # patch number per copy; None: a sentinel
+    plain = l0 == 0 and p0 == 0 and not last_only and joins[-1] == 0
+    if not plain:
+        k = joins.count(l0)
+        slots.insert(k, None)
+        joins.insert(k, l0)
+        if joins[-1] != l0:
+            slots.append(None)
+            joins.append(joins[-1])
+    by_name: dict[str, list[tuple[int, Patch]]] = defaultdict(list)
+    for c, i in enumerate(slots):
+        if i is not None:
+            by_name[patches[i].name].append((c, patches[i]))
+    hooks = [(name, _patch_hook(name, items, corrupted, p0)) for name, items in by_name.items()]
+    try:
+        logits = _forward(
+            corrupted, len(slots), l0, p0, hooks, last_only, joins if status.per_layer else None
+        )
+    except _SetterError as err:
+        raise err.original from None
+    except Exception:  # noqa: BLE001 - the resumed forward failed on this chunk's shapes
+        if plain:
+            raise
+        return None
+    want = corrupted.logits[:, -1:] if last_only else corrupted.logits[:, p0:]
+    out: dict[int, Tensor] = {}
+    for c, i in enumerate(slots):
+        part = logits[c * b : (c + 1) * b]
+        if i is None:
+            if part.shape != want.shape or float((part - want).abs().max()) > TOLERANCE:
+                return None
+        else:
+            out[i] = torch.cat([corrupted.logits[:, :p0], part], dim=1) if p0 > 0 and not last_only else part
+    return out
+
+
 def run_patched(
     model: Any,
     corrupted_tokens: Int[Tensor, "batch pos"],
@@ -226,14 +330,16 @@ def run_patched(
 
     Each patched copy of the corrupted batch is patched by its own setter, called as TL's patch
     setters are: ``setter(corrupted_activation, index, clean_activation)`` on the copy's own
-    ``[batch, ...]`` slice. Where this call's check finds it exact (:func:`minterp_tl.fast_path.check`), a
-    chunk starts at its lowest patched block, from the corrupted run's residual there, and at its
-    lowest first-affected position, from the corrupted run's key/value cache: what a patch cannot
-    change is not recomputed. The hooks then see only positions ``p0..``; each setter still gets the
-    full-length activation (the corrupted prefix is put in front), so any setter works unchanged.
-    ``on_logits(patch number, logits [batch, pos, d_vocab])`` gets full-length logits (the prefix
-    from the corrupted run) -- or, with ``last_only`` on the skipping path, only the last position's
-    ``[batch, 1, d_vocab]`` (for metrics that read nothing else).
+    ``[batch, ...]`` slice. With the fast path (:mod:`minterp_tl.fast_path`) each copy joins the batch at
+    its patched block, from the corrupted run's residual there, and a chunk starts at its lowest
+    first-affected position, from the corrupted run's key/value cache: what a patch cannot change is not
+    recomputed. Every resumed chunk is verified by unpatched sentinel copies (:func:`_run_chunk`); when
+    one disagrees, :func:`minterp_tl.fast_path.check` decides what stays on (with a warning) and the
+    chunk and the rest run again under that decision. The hooks see only positions ``p0..``; each setter
+    still gets the full-length activation (the corrupted prefix is put in front), so any setter works
+    unchanged. ``on_logits(patch number, logits [batch, pos, d_vocab])`` gets full-length logits (the
+    prefix from the corrupted run) -- or, with ``last_only`` on the skipping path, only the last
+    position's ``[batch, 1, d_vocab]`` (for metrics that read nothing else).
     """
     b, n_pos = corrupted_tokens.shape
     n_layers = model.cfg.n_layers
@@ -247,62 +353,40 @@ def run_patched(
         else:
             todo.append(i)
             first[i] = change or 0
-    status = (
-        check(model, corrupted) if todo else FastPathStatus(False, False, False, "no patch needed a forward")
-    )
-    last_only = last_only and status.last_only
-    starts = [(patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo]
-    if status.per_layer:  # a copy's layers cost only from its own block up
-        split = _position_chunks(starts, per_forward, n_layers, n_pos, b)
-    else:
-        split = _tiles(starts, per_forward, n_layers, n_pos)
-    chunks = [[todo[j] for j in chunk] for chunk in split]
-    for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
-        joins = None
-        if status.per_layer:
-            chunk = sorted(chunk, key=lambda i: patches[i].layer)  # copy c joins at its own block
-            joins = [patches[i].layer for i in chunk]
-        l0 = min(patches[i].layer for i in chunk) if status.layers else 0
-        p0 = min(first[i] for i in chunk) if status.positions else 0
-        by_name: dict[str, list[tuple[int, Patch]]] = defaultdict(list)
-        for c, i in enumerate(chunk):
-            by_name[patches[i].name].append((c, patches[i]))
-
-        def make_hook(name: str, items: list[tuple[int, Patch]]):
-            pos_axis = hook_layout(name, 4)[0]
-            assert pos_axis is not None  # every four-axis hook has a position axis
-
-            def hook(act: Tensor, hook: Any = None) -> Tensor:
-                act = act.clone()
-                prefix = None
-                if p0 > 0:
-                    prefix = corrupted.acts[name].narrow(pos_axis, 0, p0)
-                for c, patch in items:
-                    part = act[c * b : (c + 1) * b]
-                    full = part if prefix is None else torch.cat([prefix, part], dim=pos_axis)
-                    out = patch.setter(full, patch.index, patch.clean)
-                    if prefix is not None:
-                        if not torch.equal(out.narrow(pos_axis, 0, p0), prefix):
-                            raise RuntimeError(
-                                f"the patch setter for {name} at index {list(patch.index)} changed "
-                                f"positions before {p0} in the patched run, but not when it was called on "
-                                "the corrupted activation beforehand: setters must be deterministic "
-                                "functions of (activation, index, clean)."
-                            )
-                        out = out.narrow(pos_axis, p0, out.shape[pos_axis] - p0)
-                    if out is not part:
-                        act[c * b : (c + 1) * b] = out
-                return act
-
-            return hook
-
-        hooks = [(n, make_hook(n, items)) for n, items in by_name.items()]
-        logits = _forward(corrupted, len(chunk), l0, p0, hooks, last_only, joins)
-        for c, i in enumerate(chunk):
-            out = logits[c * b : (c + 1) * b]
-            if p0 > 0 and not last_only:
-                out = torch.cat([corrupted.logits[:, :p0], out], dim=1)
-            on_logits(i, out)
+    if not todo:
+        record(model, FastPathStatus(False, False, False, "no patch needed a forward"), {}, warn=False)
+        return
+    status, checked = assume(model, corrupted), False
+    with tqdm(total=len(todo), desc="patching", unit="patch", disable=not progress) as bar:
+        while todo:
+            starts = [
+                (patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo
+            ]
+            if status.per_layer:  # a copy's layers cost only from its own block up
+                split = _position_chunks(starts, per_forward, n_layers, n_pos, b)
+            else:
+                split = _tiles(starts, per_forward, n_layers, n_pos)
+            chunks = [[todo[j] for j in chunk] for chunk in split]
+            for k, chunk in enumerate(chunks):
+                results = _run_chunk(corrupted, patches, chunk, first, status, last_only and status.last_only)
+                if results is None:  # not exact here: decide again, run this chunk and the rest again
+                    if checked:
+                        why = {
+                            "chunk": "fast path off: a chunk's sentinel copies did not reproduce the "
+                            "corrupted run although the check passed; full forwards from here"
+                        }
+                        status = record(
+                            model, FastPathStatus(False, False, False, why["chunk"]), why, warn=True
+                        )
+                    else:
+                        status, checked = check(model, corrupted), True
+                    todo = [i for later in chunks[k:] for i in later]
+                    break
+                for i, logits in results.items():
+                    on_logits(i, logits)
+                bar.update(len(chunk))
+            else:
+                todo = []
 
 
 __all__ = ["Patch", "check_sizes", "copies_per_forward", "run_patched"]

@@ -20,11 +20,14 @@ says why, once per model and reason) when it does not agree to ``1e-4``.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Optional
 
 import torch
@@ -349,6 +352,70 @@ def _agrees(
     return (diff <= TOLERANCE, f"its logits differ from the plain run by {diff:.2g} (> {TOLERANCE:g})")
 
 
+_CHECKED_OFF: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Models on which a check has found a start that does not reproduce the plain run: later calls check
+first instead of assuming the fast path."""
+
+
+def _static(model: Any, run: CorruptedRun) -> tuple[bool, dict[str, str]]:
+    """Whether the position start is possible at all for this call, and the reasons why a start is off
+    that need no forward: no key/value cache, a prompt longer than the sliding attention window."""
+    n_pos, window = run.tokens.shape[1], _sliding_window(model)
+    reasons: dict[str, str] = {}  # kind -> text; a kind is warned about once per model
+    if run.kv is None:
+        reasons["no-cache"] = f"position start off: {run.kv_reason}"
+    elif window is not None and n_pos > window:
+        reasons["window"] = (
+            f"position start off for prompts longer than the sliding attention window of "
+            f"{window} tokens (this one has {n_pos})"
+        )
+    return n_pos >= 2 and not reasons, reasons
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` of the first caller outside this package, for ``warnings.warn`` called by the
+    caller of this function."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def record(model: Any, status: FastPathStatus, reasons: dict[str, str], warn: bool) -> FastPathStatus:
+    """Record ``status`` for :func:`last_status` and, with ``warn``, report each reason once per model."""
+    _LAST[model] = status
+    if warn:
+        warned = _WARNED.setdefault(model, set())
+        name = getattr(model.cfg, "model_name", None) or type(model).__name__
+        for kind, text in reasons.items():
+            if kind not in warned:
+                warned.add(kind)
+                warnings.warn(
+                    f"minterp_tl.patching fast path on {name}: {text}. Values are unaffected; the "
+                    "sweep recomputes more. patching.fast_path_status(model) shows the decision.",
+                    RuntimeWarning,
+                    stacklevel=_outside_level(),
+                )  # the user's line that called into minterp_tl
+    return status
+
+
+def assume(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus:
+    """The fast path a patching call starts with, before any forward: every start that nothing rules out
+    (:func:`_static`) -- or, on a model where a check has turned a start off before, :func:`check`'s
+    decision. The patching engine verifies each chunk it runs with unpatched copies riding along, and
+    calls :func:`check` when one of them does not reproduce the corrupted run."""
+    if model in _CHECKED_OFF:
+        return check(model, run, warn=warn)
+    positions, reasons = _static(model, run)
+    blocks = hasattr(model, "blocks")
+    if not blocks:
+        reasons = {"layers": "layer start off: the model has no blocks stack"}
+    status = FastPathStatus(blocks, blocks and positions, blocks, "; ".join(reasons.values()) or None, blocks)
+    return record(model, status, reasons, warn)
+
+
 def _join_tries(n_layers: int) -> list[tuple[list[int], bool]]:
     """Resumed forwards (copies' joining blocks, last position only) that together exercise what a real
     chunk can ask of the model: skipped blocks below the start, per-row arguments grown from two copies
@@ -361,25 +428,16 @@ def _join_tries(n_layers: int) -> list[tuple[list[int], bool]]:
 def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus:
     """Decide, for this call's corrupted tokens, which starts reproduce the plain corrupted run.
 
-    First what rules a start out without a forward: no blocks stack, no key/value cache, a prompt longer
-    than the model's sliding attention window. Then a few resumed forwards of a handful of copies that
-    together use every start (:func:`_join_tries`, at the middle position) are compared with the corrupted
-    logits; when they all agree the fast path is on. When one fails or disagrees, each start is tried on
-    its own (at the middle block and position) and what fails is off for this call. With ``warn``, each
-    reason is reported once per model with ``warnings.warn``. The decision is recorded for
-    :func:`last_status`.
+    First what rules a start out without a forward (:func:`_static`). Then a few resumed forwards of a
+    handful of copies that together use every start (:func:`_join_tries`, at the middle position) are
+    compared with the corrupted logits; when they all agree the fast path is on. When one fails or
+    disagrees, each start is tried on its own (at the middle block and position) and what fails is off
+    for this call. With ``warn``, each reason is reported once per model with ``warnings.warn``. The
+    decision is recorded for :func:`last_status`.
     """
     n_layers, n_pos = model.cfg.n_layers, run.tokens.shape[1]
-    reasons: dict[str, str] = {}  # kind -> text; a kind is warned about once per model
-    l0, window = n_layers // 2, _sliding_window(model)
-    positions = n_pos >= 2 and run.kv is not None and (window is None or n_pos <= window)
-    if run.kv is None:
-        reasons["no-cache"] = f"position start off: {run.kv_reason}"
-    elif window is not None and n_pos > window:
-        reasons["window"] = (
-            f"position start off for prompts longer than the sliding attention window of "
-            f"{window} tokens (this one has {n_pos})"
-        )
+    l0 = n_layers // 2
+    positions, reasons = _static(model, run)
     if not hasattr(model, "blocks"):
         reasons = {"layers": "layer start off: the model has no blocks stack"}
         layers = positions = last_only = per_layer = False
@@ -389,6 +447,7 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
     ):
         layers = last_only = per_layer = True
     else:  # find which part fails
+        _CHECKED_OFF.add(model)
         layers, why = _agrees(run, l0, 0)
         if not layers:
             reasons["layers"] = (
@@ -415,26 +474,15 @@ def check(model: Any, run: CorruptedRun, *, warn: bool = True) -> FastPathStatus
                     )
                     break
     status = FastPathStatus(layers, positions, last_only, "; ".join(reasons.values()) or None, per_layer)
-    _LAST[model] = status
-    if warn:
-        warned = _WARNED.setdefault(model, set())
-        name = getattr(model.cfg, "model_name", None) or type(model).__name__
-        for kind, text in reasons.items():
-            if kind not in warned:
-                warned.add(kind)
-                warnings.warn(
-                    f"minterp_tl.patching fast path on {name}: {text}. Values are unaffected; the "
-                    "sweep recomputes more. patching.fast_path_status(model) shows the decision.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )  # the caller of the patching function
-    return status
+    return record(model, status, reasons, warn)
 
 
 __all__ = [
     "CorruptedRun",
+    "assume",
     "FastPathStatus",
     "TOLERANCE",
     "check",
     "last_status",
+    "record",
 ]

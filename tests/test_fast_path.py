@@ -3,8 +3,10 @@ families and on the native toys, against TransformerLens's own patching function
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -288,26 +290,65 @@ def test_copies_join_the_batch_at_their_own_block(hf_model, family, monkeypatch)
         assert sum(n - layer for j in joined for layer in j) < sum(len(j) * (n - j[0]) for j in joined)
 
 
-def test_per_layer_joins_off_when_they_fail_and_values_stay_exact(hf_model, monkeypatch) -> None:
-    """When copies joining at later blocks fail, the quick check fails, each start is then tried on its
-    own: the others stay on, per-layer joins are off with the reason, and values still equal TL's."""
+@pytest.mark.parametrize("fault", ["raises", "silent"])
+def test_per_layer_joins_off_when_they_fail_and_values_stay_exact(hf_model, monkeypatch, fault) -> None:
+    """When copies joining at later blocks fail (an error, or silently wrong rows), the first chunk's
+    sentinels disagree, the check runs, each start is tried on its own: the others stay on, per-layer
+    joins are off with the reason, and values still equal TL's."""
     monkeypatch.setattr(fast_path, "_WARNED", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(fast_path, "_CHECKED_OFF", weakref.WeakSet())
     model = hf_model("llama")
     clean, corrupted = _pair(model, batch=2, pos=6)
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
     real = CorruptedRun._joining
 
+    @contextlib.contextmanager
     def joining(self, joins, p0):
-        if len(set(joins)) > 1:
+        if len(set(joins)) > 1 and fault == "raises":
             raise RuntimeError("a per-row argument the hook cannot see")
-        return real(self, joins, p0)
+        acts = self.acts
+        if len(set(joins)) > 1:  # the joining rows start from a slightly wrong residual
+            self.acts = {k: v + 1e-2 if "resid_pre" in k else v for k, v in acts.items()}
+        try:
+            with real(self, joins, p0):
+                yield
+        finally:
+            self.acts = acts
 
     monkeypatch.setattr(CorruptedRun, "_joining", joining)
-    with pytest.warns(RuntimeWarning, match="per-layer joins off: .*a per-row argument the hook cannot see"):
+    why = "a per-row argument the hook cannot see" if fault == "raises" else "differ from the plain run"
+    with pytest.warns(RuntimeWarning, match=f"per-layer joins off: .*{why}"):
         ours = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
     status = patching.fast_path_status(model)
     assert status == FastPathStatus(True, True, True, status.reason, per_layer=False)
+    assert (ours - tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)).abs().max() <= TOL
+    assert model in fast_path._CHECKED_OFF  # the next call checks before it runs
+
+
+def test_a_fault_the_check_misses_is_caught_by_the_sentinels(hf_model, monkeypatch) -> None:
+    """A resumed forward that is wrong only for chunks larger than any the check runs: the check passes,
+    the chunk's sentinels still disagree, so the fast path goes off with a warning and every value is a
+    plain forward's, equal to TL's."""
+    monkeypatch.setattr(fast_path, "_WARNED", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(fast_path, "_CHECKED_OFF", weakref.WeakSet())
+    model = hf_model("gpt2")
+    clean, corrupted = _pair(model, batch=2, pos=6)
+    clean_logits, cache = model.run_with_cache(clean)
+    metric = _metric(clean_logits)
+    real = CorruptedRun.past
+
+    def past(self, p0, copies):
+        cache_ = real(self, p0, copies)
+        if max(copies) > 4:  # the check's forwards hold at most three copies
+            for layer in cache_.layers:
+                layer.keys[-1] += 1.0
+        return cache_
+
+    monkeypatch.setattr(CorruptedRun, "past", past)
+    with pytest.warns(RuntimeWarning, match="sentinel copies did not reproduce the corrupted run"):
+        ours = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
+    assert patching.fast_path_status(model) == FastPathStatus(False, False, False, mock.ANY, False)
     assert (ours - tl_patching.get_act_patch_resid_pre(model, corrupted, cache, metric)).abs().max() <= TOL
 
 

@@ -260,13 +260,13 @@ def test_unchanged_patches_run_no_forward_and_match_transformer_lens(toys, monke
     clean_logits, cache = model.run_with_cache(clean)
     metric = _metric(clean_logits)
     copies = []
-    real_forward = _patch_engine._forward
+    real_run = _patch_engine._run_chunk
 
-    def counting_forward(run, n, *args, **kwargs):
-        copies.append(n)
-        return real_forward(run, n, *args, **kwargs)
+    def counting_run(corrupted, patches, chunk, *args):
+        copies.append(len(chunk))  # the patched copies of each forward (the sentinels not counted)
+        return real_run(corrupted, patches, chunk, *args)
 
-    monkeypatch.setattr(_patch_engine, "_forward", counting_forward)
+    monkeypatch.setattr(_patch_engine, "_run_chunk", counting_run)
     ours = patching.get_act_patch_attn_head_out_by_pos(
         model, corrupted, cache, metric, progress=False, max_batch=64
     )
