@@ -10,6 +10,7 @@ Used by :mod:`minterp_tl.patching`; private.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,13 +44,15 @@ def _free_memory(device: torch.device) -> int:
     return 4 * 2**30
 
 
-def _bytes_per_sequence(model: Any, n_pos: int) -> int:
-    """A generous estimate of the memory one sequence of ``n_pos`` tokens takes in a forward pass:
-    its logits plus the largest transient activations (MLP hidden, attention scores and pattern)."""
+def _bytes_per_sequence(model: Any, n_pos: int, positions: Optional[int] = None) -> int:
+    """A generous estimate of the memory one sequence of ``n_pos`` tokens takes in a forward pass that
+    computes its last ``positions`` of them (default all): their logits plus the largest transient
+    activations (MLP hidden, attention scores and pattern) and the key/value cache."""
     cfg = model.cfg
+    q = n_pos if positions is None else positions
     d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
-    floats = n_pos * (cfg.d_vocab + 12 * cfg.d_model + 3 * d_mlp) + 3 * cfg.n_heads * n_pos * n_pos
-    return 4 * floats
+    floats = q * (cfg.d_vocab + 12 * cfg.d_model + 3 * d_mlp) + 3 * cfg.n_heads * q * n_pos
+    return 4 * (floats + 2 * cfg.n_layers * n_pos * cfg.d_model)
 
 
 def check_sizes(max_batch: Optional[int], memory_budget: Optional[int]) -> None:
@@ -67,6 +70,7 @@ def copies_per_forward(
     *,
     max_batch: Optional[int] = None,
     memory_budget: Optional[int] = None,
+    positions: Optional[int] = None,
 ) -> int:
     """How many patched copies of a ``[batch, n_pos]`` corrupted batch run in one forward pass.
 
@@ -74,14 +78,21 @@ def copies_per_forward(
         model: The model (its config sizes the estimate).
         batch: Sequences per copy (the corrupted batch size).
         n_pos: Tokens per sequence.
-        max_batch: The most sequences in one forward (default 128 on CPU and 512 on GPU).
+        max_batch: The most sequences in one forward. Default: as many tokens as 128 full sequences on
+            CPU (512 on GPU), so a forward resumed at a later position (``positions``) takes more.
         memory_budget: Bytes a forward may use (default: a quarter of the free memory).
+        positions: Positions each sequence computes (a forward resumed at position ``n_pos -
+            positions``; default ``n_pos``).
     """
     check_sizes(max_batch, memory_budget)
+    if positions is not None:
+        positive_int(positions, "positions")
+    q = n_pos if positions is None else min(positions, n_pos)
     device = torch.device(model.cfg.device)
-    max_batch = (512 if device.type == "cuda" else 128) if max_batch is None else max_batch
+    if max_batch is None:
+        max_batch = (512 if device.type == "cuda" else 128) * n_pos // q
     memory_budget = _free_memory(device) // 4 if memory_budget is None else memory_budget
-    by_memory = memory_budget // (batch * _bytes_per_sequence(model, n_pos))
+    by_memory = memory_budget // (batch * _bytes_per_sequence(model, n_pos, q))
     return int(max(1, min(max_batch // batch, by_memory)))
 
 
@@ -162,28 +173,31 @@ def _tiles(starts: Sequence[tuple[int, int]], per_forward: int, n_layers: int, n
 
 
 def _position_chunks(
-    starts: Sequence[tuple[int, int]], per_forward: int, n_layers: int, n_pos: int, batch: int
+    starts: Sequence[tuple[int, int]], capacity: Callable[[int], int], n_layers: int, n_pos: int, batch: int
 ) -> list[list[int]]:
-    """Group patches, given as their ``(layer, first changed position)``, into chunks of at most
-    ``per_forward`` copies for per-layer joins, where a copy costs only the layers from its own block up
-    and a chunk starts at its lowest position: the split of the list ordered by position (and, within a
-    position, from the highest layer down, so a chunk that reaches into the next position takes its
-    cheapest copies) into consecutive chunks that minimises the modelled cost ``sum over chunks of
-    (overhead + sum over members of (n_layers - l) (n_pos - p0) / (n_layers n_pos))`` (exact, by dynamic
-    programming)."""
+    """Group patches, given as their ``(layer, first changed position)``, into chunks for per-layer joins,
+    where a copy costs only the layers from its own block up and a chunk starts at its lowest position
+    ``p0`` and holds at most ``capacity(n_pos - p0)`` copies: the split of the list ordered by position
+    (and, within a position, from the highest layer down, so a chunk that reaches into the next position
+    takes its cheapest copies) into consecutive chunks that minimises the modelled cost ``sum over chunks
+    of (overhead + sum over members of (n_layers - l) (n_pos - p0) / (n_layers n_pos))`` (exact, by
+    dynamic programming)."""
     import numpy as np
 
     order = sorted(range(len(starts)), key=lambda i: (starts[i][1], -starts[i][0]))
     m = len(order)
     weight = np.array([(n_layers - starts[i][0]) / n_layers for i in order])
     span = np.array([(n_pos - starts[i][1]) / n_pos for i in order])
+    room = np.array([max(1, capacity(n_pos - starts[i][1])) for i in order])  # if the chunk starts here
     prefix = np.concatenate([[0.0], np.cumsum(weight)])
     overhead = _FORWARD_OVERHEAD / batch  # in copies of the batch
     best = np.zeros(m + 1)
     cut = np.zeros(m + 1, dtype=np.int64)
+    widest = int(room.max()) if m else 1
     for end in range(1, m + 1):
-        begin = np.arange(max(0, end - per_forward), end)  # the chunk is order[begin:end]
+        begin = np.arange(max(0, end - widest), end)  # the chunk is order[begin:end]
         cost = best[begin] + overhead + span[begin] * (prefix[end] - prefix[begin])
+        cost[end - begin > room[begin]] = np.inf
         k = int(cost.argmin())
         best[end], cut[end] = cost[k], begin[k]
     chunks, end = [], m
@@ -363,7 +377,13 @@ def run_patched(
                 (patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo
             ]
             if status.per_layer:  # a copy's layers cost only from its own block up
-                split = _position_chunks(starts, per_forward, n_layers, n_pos, b)
+
+                @functools.cache
+                def capacity(q: int) -> int:
+                    sizes = dict(max_batch=max_batch, memory_budget=memory_budget, positions=q)
+                    return copies_per_forward(model, b, n_pos, **sizes)
+
+                split = _position_chunks(starts, capacity, n_layers, n_pos, b)
             else:
                 split = _tiles(starts, per_forward, n_layers, n_pos)
             chunks = [[todo[j] for j in chunk] for chunk in split]

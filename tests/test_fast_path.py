@@ -366,17 +366,36 @@ def test_position_chunks_are_the_cheapest_consecutive_split() -> None:
         work = sum((n_layers - starts[i][0]) / n_layers for i in chunk) * (n_pos - p0) / n_pos
         return _patch_engine._FORWARD_OVERHEAD / batch + work
 
-    for trial in range(30):
+    for trial in range(40):
         m, per_forward, batch = rng.randint(1, 9), rng.randint(1, 5), rng.choice([1, 8])
         starts = [(rng.randrange(n_layers), rng.randrange(n_pos)) for _ in range(m)]
-        chunks = _patch_engine._position_chunks(starts, per_forward, n_layers, n_pos, batch)
+        # half the trials: chunks resumed later may hold more copies (as copies_per_forward allows)
+        room = (lambda q: per_forward) if trial % 2 else (lambda q: per_forward * n_pos // q)
+        chunks = _patch_engine._position_chunks(starts, room, n_layers, n_pos, batch)
         assert sorted(i for c in chunks for i in c) == list(range(m))
-        assert all(0 < len(c) <= per_forward for c in chunks)
+        assert all(0 < len(c) <= room(n_pos - min(starts[i][1] for i in c)) for c in chunks)
         order = [i for c in chunks for i in c]
-        best = min(
-            sum(cost(order[a:b], starts, batch) for a, b in zip((0, *cuts), (*cuts, m)))
+        splits = [
+            list(zip((0, *cuts), (*cuts, m)))
             for k in range(m)
             for cuts in itertools.combinations(range(1, m), k)
-            if all(b - a <= per_forward for a, b in zip((0, *cuts), (*cuts, m)))
+        ]
+        best = min(
+            sum(cost(order[a:b], starts, batch) for a, b in split)
+            for split in splits
+            if all(b - a <= room(n_pos - starts[order[a]][1]) for a, b in split)
         )
         assert sum(cost(c, starts, batch) for c in chunks) == pytest.approx(best), trial
+
+
+def test_resumed_forwards_hold_more_copies_by_default(hf_model) -> None:
+    """With the default max_batch the cap is in tokens: a forward resumed at a later position holds more
+    copies (never fewer); an explicit max_batch caps sequences whatever the start; memory still caps."""
+    model = hf_model("llama")
+    full = patching.copies_per_forward(model, 2, 12)
+    assert patching.copies_per_forward(model, 2, 12, positions=12) == full
+    assert patching.copies_per_forward(model, 2, 12, positions=3) == 4 * full
+    assert patching.copies_per_forward(model, 2, 12, positions=3, max_batch=10) == 5
+    assert patching.copies_per_forward(model, 2, 12, positions=3, memory_budget=1) == 1
+    with pytest.raises(ValueError, match="positions"):
+        patching.copies_per_forward(model, 2, 12, positions=0)
