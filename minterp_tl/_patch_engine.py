@@ -3,9 +3,10 @@
 Each patched copy of the corrupted batch is patched by its own setter, called as TransformerLens's patch
 setters are: ``setter(corrupted_activation, index, clean_activation)``. Copies are stacked along the batch
 so one forward pass runs many patches; a chunk fits the memory budget. With the fast path
-(:mod:`minterp_tl.fast_path`) a chunk starts at its lowest patched block and first changed position,
-from the corrupted run's residual and key/value cache, so work a patch cannot change is not recomputed.
-Used by :mod:`minterp_tl.patching`; private.
+(:mod:`minterp_tl.fast_path`) each copy joins at its patched block and a chunk starts at its first
+changed position, from the corrupted run's residual and key/value cache, so work a patch cannot change
+is not recomputed; unpatched sentinel copies in every resumed chunk verify it. Used by
+:mod:`minterp_tl.patching`; private.
 """
 
 from __future__ import annotations

@@ -1,21 +1,23 @@
 """The fast path of batched patching: resuming a forward pass from the corrupted run.
 
 A patch at block ``l`` and position ``p`` cannot change the residual below block ``l``, nor (causal
-attention) anything before position ``p``. So a chunk of patched copies need not recompute those: it
-can start at its lowest patched block from the corrupted run's residual there (the *layer* start), and
-at its lowest patched position from the corrupted run's keys and values of the earlier positions (the
-*position* start). This module holds the corrupted run, the resumed forward, and the check that decides
-per call which of the two starts reproduce the plain corrupted run on this model::
+attention) anything before position ``p``. So a patched copy need not recompute those: it joins the batch
+at its own block from the corrupted run's residual there (the *layer* start and *per-layer joins*: the
+batch grows as the forward climbs), and a chunk starts at its lowest patched position from the corrupted
+run's keys and values of the earlier positions (the *position* start). This module holds the corrupted
+run, the resumed forward, and the decision of which starts a call uses::
 
     run = CorruptedRun(model, corrupted_tokens, names={"blocks.3.hook_resid_pre"})
-    status = check(model, run)                 # FastPathStatus(layers=True, positions=True, ...)
-    logits = run.forward(copies=8, l0=3, p0=5, hooks=[...])   # [8 * batch, pos - 5, d_vocab]
+    status = assume(model, run)                # what nothing rules out, before any forward
+    logits = run.forward(copies=3, l0=3, p0=5, hooks=[...], joins=[3, 3, 7])  # [3 * batch, pos - 5, d_vocab]
+    status = check(model, run)                 # each start tried against the plain corrupted run
 
 The key/value cache is ours: a ``transformers.DynamicCache`` we hand to the model and read back, never
 the cache the bridge returns (TransformerLens 4.3 returns an empty one on transformers >= 5.24, see
-:func:`_cache_kwarg_shim`). Nothing here changes values: :func:`check` compares the resumed forward with
-the plain corrupted run's logits on the call's own tokens, and turns a start off (with a warning that
-says why, once per model and reason) when it does not agree to ``1e-4``.
+:func:`_cache_kwarg_shim`). Nothing here changes values: the engine verifies every resumed chunk with
+unpatched copies riding along, and :func:`check` compares resumed forwards with the plain corrupted
+run's logits on the call's own tokens, turning a start off (with a warning that says why, once per model
+and reason) when it does not agree to ``1e-4``.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def generic_activation_patch(
         baseline: Also evaluate the unpatched corrupted run (returns a ``PatchingResult``).
         max_batch: The most sequences in one forward pass (see :func:`copies_per_forward`).
         memory_budget: Bytes one forward pass may use (default: a quarter of the free memory).
-        progress: Show a progress bar over forward passes.
+        progress: Show a progress bar over the patches that need a forward.
         skip_unchanged: Run no forward for a patch that leaves the corrupted activation bit-for-bit
             unchanged (clean and corrupted agree there, e.g. before the first differing token); its
             value is the metric of the corrupted run, exactly what the patched forward would give.
