@@ -58,6 +58,7 @@ from transformer_lens.patching import (
 from transformer_lens.utilities import get_act_name
 
 from minterp_tl._checks import token_ids
+from minterp_tl._direct_path import direct_path, source_index
 from minterp_tl._patch_engine import Patch, check_sizes, copies_per_forward, run_patched
 from minterp_tl._patch_results import pad_heads, run_sweeps, stack_every
 from minterp_tl.fast_path import CorruptedRun, FastPathStatus, check, last_status
@@ -405,6 +406,97 @@ def get_act_patch_block_every(
     return out if isinstance(out, PatchingResult) else torch.stack(list(out), dim=0)
 
 
+def get_act_patch_direct_path(
+    model: Any,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache: ActivationCache,
+    corrupted_cache: ActivationCache,
+    patching_metric: Callable[[Tensor], Tensor],
+    src_layer: int,
+    src_head: int,
+    component: str = "q",
+    verbose: bool = True,
+    *,
+    max_batch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Float[Tensor, "n_layers dst_heads"]:
+    """Patch one source head's output into each later head's query, key or value input alone (direct
+    path patching, Wang et al. 2022; TransformerLens's function, batched).
+
+    The source's clean-minus-corrupted write ``z @ W_O`` is added at every position to the destination
+    head's own copy of the residual before ``ln1``, while every other reader still sees the source's
+    corrupted output: the exact edge intervention. Many edges run per forward; each joins at its
+    destination block.
+
+    Args:
+        model: The model (not post-norm; in eval mode).
+        corrupted_tokens: ``[batch, pos]`` corrupted token ids.
+        clean_cache: Cache of the clean run; holds ``blocks.{src_layer}.attn.hook_z``.
+        corrupted_cache: Cache of the corrupted run; holds the same ``hook_z``.
+        patching_metric: Logits ``[batch, pos, d_vocab]`` -> scalar.
+        src_layer: Layer of the source head (negatives count from the end).
+        src_head: Index of the source head.
+        component: The destination input: ``"q"`` (default), ``"k"`` or ``"v"``. On GQA/MQA models (which
+            TransformerLens refuses for ``"k"`` / ``"v"``) each key/value head is one destination: the
+            path into the key or value input that its query heads share.
+        verbose: Show a progress bar.
+        max_batch: The most sequences in one forward pass (see :func:`copies_per_forward`).
+        memory_budget: Bytes one forward pass may use (default: a quarter of the free memory).
+
+    Returns:
+        ``[n_layers, dst_heads]`` (``dst_heads``: ``n_heads``, or ``n_key_value_heads`` for ``"k"`` / ``"v"``
+        on GQA/MQA): the metric with the path into that head patched; rows ``<= src_layer`` are 0.0.
+    """
+    source = source_index(model, src_layer, src_head)
+    return direct_path(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        corrupted_cache,
+        patching_metric,
+        [source],
+        component,
+        verbose=verbose,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
+    )[0]
+
+
+def get_act_patch_direct_path_all_sources(
+    model: Any,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache: ActivationCache,
+    corrupted_cache: ActivationCache,
+    patching_metric: Callable[[Tensor], Tensor],
+    component: str = "q",
+    verbose: bool = True,
+    *,
+    max_batch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Float[Tensor, "n_layers n_heads n_layers dst_heads"]:
+    """:func:`get_act_patch_direct_path` from every source head, all edges batched together.
+
+    Returns:
+        ``[n_layers, n_heads, n_layers, dst_heads]``: ``[sl, sh, dl, dh]`` is the metric with the path
+        from head ``(sl, sh)`` into head ``(dl, dh)`` patched; 0.0 where ``dl <= sl``.
+    """
+    n_layers, heads = int(model.cfg.n_layers), n_heads(model, "attn.hook_z")
+    sources = [(layer, head) for layer in range(n_layers) for head in range(heads)]
+    out = direct_path(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        corrupted_cache,
+        patching_metric,
+        sources,
+        component,
+        verbose=verbose,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
+    )
+    return out.reshape(n_layers, heads, *out.shape[1:])
+
+
 def fast_path_status(
     model: Any, corrupted_tokens: Optional[Int[Tensor, "batch pos"]] = None
 ) -> Optional[FastPathStatus]:
@@ -448,6 +540,8 @@ __all__ = [
     "get_act_patch_attn_head_v_by_pos",
     "get_act_patch_attn_out",
     "get_act_patch_block_every",
+    "get_act_patch_direct_path",
+    "get_act_patch_direct_path_all_sources",
     "get_act_patch_mlp_out",
     "get_act_patch_resid_mid",
     "get_act_patch_resid_pre",
