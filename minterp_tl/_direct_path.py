@@ -54,7 +54,7 @@ def _split_qkv_input(model: Any) -> Iterator[None]:
             model.set_use_attn_in(True)
 
 
-def _refuse_unsupported(model: Any, sources: Sequence[tuple[int, int]], component: str) -> None:
+def _refuse_unsupported(model: Any, component: str) -> None:
     """Clear errors, before any compute, for what the edge intervention is not defined on here."""
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {list(COMPONENTS)}, got {component!r}")
@@ -69,18 +69,27 @@ def _refuse_unsupported(model: Any, sources: Sequence[tuple[int, int]], componen
             "direct path patching is not supported on post-norm blocks (Gemma-2/3, OLMo-2): a head's "
             "residual write is normalised with the whole attention output, so it is not z @ W_O alone"
         )
-    if not sources:
-        raise ValueError("no source heads")
 
 
 def _write_delta(
-    model: Any, clean_cache: ActivationCache, corrupted_cache: ActivationCache, layer: int, head: int
+    model: Any,
+    clean_cache: ActivationCache,
+    corrupted_cache: ActivationCache,
+    layer: int,
+    head: int,
+    shape: tuple[int, int],
 ) -> Float[Tensor, "batch pos d_model"]:
-    """Head ``(layer, head)``'s clean minus corrupted residual write, ``z @ W_O`` (as TransformerLens)."""
+    """Head ``(layer, head)``'s clean minus corrupted residual write, ``z @ W_O`` (as TransformerLens);
+    both caches must hold its ``hook_z`` for ``shape`` = the corrupted tokens' ``(batch, pos)``."""
     name = f"blocks.{layer}.attn.hook_z"
     for what, cache in (("clean_cache", clean_cache), ("corrupted_cache", corrupted_cache)):
         if name not in cache.cache_dict:
             raise ValueError(f"{what} has no {name!r}; run that pass with a names_filter that includes it")
+        if tuple(cache[name].shape[:2]) != shape:
+            raise ValueError(
+                f"{what} holds {name!r} for [batch, pos] = {list(cache[name].shape[:2])}, but "
+                f"corrupted_tokens is {list(shape)}: both caches must come from runs on prompts of that shape"
+            )
     w_o = model.blocks[layer].attn.W_O[head]
     return clean_cache[name][:, :, head] @ w_o - corrupted_cache[name][:, :, head] @ w_o
 
@@ -112,14 +121,15 @@ def direct_path(
     ``n_key_value_heads`` for ``"k"`` / ``"v"`` (``n_heads`` otherwise)."""
     token_ids(model, corrupted_tokens, "corrupted_tokens")
     check_sizes(max_batch, memory_budget)
-    _refuse_unsupported(model, sources, component)
+    _refuse_unsupported(model, component)
     n_layers = int(model.cfg.n_layers)
     readers = n_heads(model, f"attn.hook_{component}")
     results = torch.zeros(len(sources), n_layers, readers, device=model.cfg.device)
+    shape = (int(corrupted_tokens.shape[0]), int(corrupted_tokens.shape[1]))
     patches: list[Patch] = []
     cells: list[tuple[int, int, int]] = []
     for s, (src_layer, src_head) in enumerate(sources):
-        delta = _write_delta(model, clean_cache, corrupted_cache, src_layer, src_head)
+        delta = _write_delta(model, clean_cache, corrupted_cache, src_layer, src_head, shape)
         for dst_layer in range(src_layer + 1, n_layers):
             name = f"blocks.{dst_layer}.attn.hook_{component}_input"
             for dst_head in range(readers):
@@ -133,12 +143,6 @@ def direct_path(
         results[cells[i]] = value.detach().reshape(())
 
     with _split_qkv_input(model):
-        missing = [p.name for p in patches[:1] if p.name not in model.hook_dict]
-        if missing:
-            raise ValueError(
-                f"{missing[0]} does not exist on this model: its attention has no per-head "
-                "query/key/value input fork, so direct path patching cannot reach a head's input"
-            )
         run_patched(
             model,
             corrupted_tokens,

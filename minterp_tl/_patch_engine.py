@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -183,8 +184,6 @@ def _position_chunks(
     takes its cheapest copies) into consecutive chunks that minimises the modelled cost ``sum over chunks
     of (overhead + sum over members of (n_layers - l) (n_pos - p0) / (n_layers n_pos))`` (exact, by
     dynamic programming)."""
-    import numpy as np
-
     order = sorted(range(len(starts)), key=lambda i: (starts[i][1], -starts[i][0]))
     m = len(order)
     weight = np.array([(n_layers - starts[i][0]) / n_layers for i in order])

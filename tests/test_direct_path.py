@@ -11,7 +11,7 @@ import torch
 from hf_families import FAMILIES
 from transformer_lens import patching as tl_patching
 
-from minterp_tl import _patch_engine, patching
+from minterp_tl import _direct_path, _patch_engine, patching
 
 TOL = 1e-4
 GQA = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}  # n_key_value_heads < n_heads
@@ -126,7 +126,7 @@ def test_direct_path_refuses_bad_input_before_any_compute(hf_model, monkeypatch)
     def no_forward(*a, **k):
         raise AssertionError("a forward ran")
 
-    monkeypatch.setattr(_patch_engine, "run_patched", no_forward)
+    monkeypatch.setattr(_direct_path, "run_patched", no_forward)
     with pytest.raises(ValueError, match="component must be one of"):
         patching.get_act_patch_direct_path(*args, 0, 0, "o")
     with pytest.raises(ValueError, match="src_layer=2 is out of range"):
@@ -135,6 +135,9 @@ def test_direct_path_refuses_bad_input_before_any_compute(hf_model, monkeypatch)
         patching.get_act_patch_direct_path(*args, 0, 4)
     with pytest.raises(ValueError, match="corrupted_tokens must be"):
         patching.get_act_patch_direct_path(model, corrupted[0], clean_cache, corrupted_cache, metric, 0, 0)
+    shorter = type(clean_cache)({k: v[:, :-1] for k, v in clean_cache.items()}, model)
+    with pytest.raises(ValueError, match=r"clean_cache holds .* \[2, 6\], but corrupted_tokens is \[2, 7\]"):
+        patching.get_act_patch_direct_path(model, corrupted, shorter, corrupted_cache, metric, 0, 0)
     empty = type(clean_cache)({}, model)
     with pytest.raises(ValueError, match="clean_cache has no 'blocks.0.attn.hook_z'"):
         patching.get_act_patch_direct_path(model, corrupted, empty, corrupted_cache, metric, 0, 0)
@@ -144,6 +147,8 @@ def test_direct_path_refuses_bad_input_before_any_compute(hf_model, monkeypatch)
             patching.get_act_patch_direct_path(*args, 0, 0)
     finally:
         model.eval()
+    monkeypatch.undo()  # the guard could fail: with it gone, the same call runs
+    assert patching.get_act_patch_direct_path(*args, 0, 0, verbose=False).shape == (2, 4)
 
 
 def test_smollm2_direct_path_equals_transformer_lens(smollm2) -> None:
