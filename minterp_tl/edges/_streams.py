@@ -19,10 +19,10 @@ The logits read ``blocks.{n_layers - 1}.hook_resid_post``. Used by :mod:`minterp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float
@@ -37,11 +37,13 @@ _VERIFY = 1e-4
 def refuse_unsupported(model: Any) -> None:
     """Clear errors, before any compute, for models the edge graph is not exact on."""
     if any(module.training for module in model.modules()):
-        raise ValueError("edge scores and edge patching need the model in eval mode (dropout is on): call model.eval()")
+        raise ValueError(
+            "edge scores and edge patching need the model in eval mode (dropout is on): call model.eval()"
+        )
     if "blocks.0.ln1_post.hook_scale" in model.hook_dict or "blocks.0.ln2_post.hook_scale" in model.hook_dict:
         raise ValueError(
-            "edges are not defined on post-norm blocks (Gemma-2/3, OLMo-2): a head's or MLP's residual write is "
-            "normalised together with the rest of its sublayer, so the stream is not a sum of writes"
+            "edges are not defined on post-norm blocks (Gemma-2/3, OLMo-2): a head's or MLP's residual write "
+            "is normalised together with the rest of its sublayer, so the stream is not a sum of writes"
         )
 
 
@@ -50,7 +52,9 @@ def switches(model: Any) -> Iterator[None]:
     """Turn on the forks the bridge offers (``use_split_qkv_input``, ``use_hook_mlp_in``; ``use_attn_in``
     off, as the two exclude each other), restoring the caller's flags on exit."""
     cfg = model.cfg
-    saved = {k: bool(getattr(cfg, k, False)) for k in ("use_split_qkv_input", "use_hook_mlp_in", "use_attn_in")}
+    saved = {
+        k: bool(getattr(cfg, k, False)) for k in ("use_split_qkv_input", "use_hook_mlp_in", "use_attn_in")
+    }
     try:
         if saved["use_attn_in"]:
             model.set_use_attn_in(False)
@@ -120,7 +124,11 @@ class Streams:
     def _fires(self, name: str) -> bool:
         if self._fired is None:
             seen: set[str] = set()
-            hooks = [(n, lambda a, hook, n=n: seen.add(n)) for n in self.model.hook_dict if n.endswith("hook_mlp_in")]
+            hooks = [
+                (n, lambda a, hook, n=n: seen.add(n))
+                for n in self.model.hook_dict
+                if n.endswith("hook_mlp_in")
+            ]
             with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
                 self.model(torch.zeros(1, 1, dtype=torch.long, device=self.model.cfg.device))
             self._fired = seen
@@ -152,8 +160,10 @@ class Streams:
             if ln is None:
                 continue
             pred = ln(x)
-            if pred.shape == y.shape and float((pred - y).abs().max()) <= _VERIFY * (1 + float(y.abs().max())):
-                fixed = Reader(r.group, r.hook, r.source, lambda x, ln=ln: ln(x))
+            if pred.shape == y.shape and float((pred - y).abs().max()) <= _VERIFY * (
+                1 + float(y.abs().max())
+            ):
+                fixed = Reader(r.group, r.hook, r.source, ln)
                 self.readers[self.readers.index(r)] = fixed
                 return fixed
         raise NotImplementedError(

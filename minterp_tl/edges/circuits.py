@@ -14,7 +14,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from minterp_tl._checks import positive_int
 from minterp_tl._files import save_png
 from minterp_tl.edges.graph import EdgeGraph
 from minterp_tl.edges.patch import Ablation, edge_patch
@@ -90,7 +89,9 @@ def greedy_order(scores: EdgeScores, n: int) -> Int[Tensor, " n"]:
     return torch.tensor(order, dtype=torch.long)
 
 
-def prune(graph: EdgeGraph, mask: Bool[Tensor, " n_edges"], *, ablation: Ablation = "patch") -> Bool[Tensor, " n_edges"]:
+def prune(
+    graph: EdgeGraph, mask: Bool[Tensor, " n_edges"], *, ablation: Ablation = "patch"
+) -> Bool[Tensor, " n_edges"]:
     """``mask`` without its dangling edges, which change no faithfulness value:
 
     - an edge into a head or MLP none of whose output it can affect is in the circuit (a query at position
@@ -183,7 +184,9 @@ def faithfulness(
         corrupted_metric = float(scalar(metric, model(corrupted_tokens)))
     gap = clean_metric - corrupted_metric
     if gap == 0.0:
-        raise ValueError("the clean and corrupted prompts give the same metric: the share recovered is undefined")
+        raise ValueError(
+            "the clean and corrupted prompts give the same metric: the share recovered is undefined"
+        )
     return (kept - corrupted_metric) / gap
 
 
@@ -269,12 +272,12 @@ def faithfulness_curve(
         progress=progress,
     )
     kept = torch.tensor([int(c.sum()) for c in circuits])
-    return FaithfulnessCurve(kept, recovered, graph.n_edges, f"{'greedy' if greedy else 'top'} {scores.method}")
+    return FaithfulnessCurve(
+        kept, recovered, graph.n_edges, f"{'greedy' if greedy else 'top'} {scores.method}"
+    )
 
 
-def circuit_graph(
-    graph: EdgeGraph, circuit: Any, scores: Optional[EdgeScores] = None
-) -> nx.DiGraph:
+def circuit_graph(graph: EdgeGraph, circuit: Any, scores: Optional[EdgeScores] = None) -> nx.DiGraph:
     """The circuit as a ``networkx.DiGraph``: a node per writer or component (``embed@p``, ``a1.2@p``,
     ``m0@p``, ``logits@p``; attributes ``kind``, ``layer``, ``head``, ``position``), an edge per
     writer -> component with attributes ``inputs`` (which of ``q``/``k``/``v``/``mlp``/``logits`` it
@@ -290,9 +293,13 @@ def circuit_graph(
             target = type(reader)(kind, reader.position, reader.layer, reader.head)  # type: ignore[arg-type]
         for node in (writer, target):
             out.add_node(node.label, kind=node.kind, layer=node.layer, head=node.head, position=node.position)
-        feeds = {"q_input": "q", "k_input": "k", "v_input": "v", "mlp_in": "mlp", "logits": "logits"}[reader.kind]
+        feeds = {"q_input": "q", "k_input": "k", "v_input": "v", "mlp_in": "mlp", "logits": "logits"}[
+            reader.kind
+        ]
         data = out.get_edge_data(writer.label, target.label) or {"inputs": [], "score": 0.0}
-        data["inputs"] = data["inputs"] + [feeds + (f".{reader.head}" if reader.kind in ("k_input", "v_input") else "")]
+        data["inputs"] = data["inputs"] + [
+            feeds + (f".{reader.head}" if reader.kind in ("k_input", "v_input") else "")
+        ]
         data["score"] = data["score"] + (float(values[i]) if values is not None else 0.0)
         out.add_edge(writer.label, target.label, **data)
     return out

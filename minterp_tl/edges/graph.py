@@ -31,7 +31,14 @@ NodeKind = Literal["embed", "attn_head_out", "mlp_out", "q_input", "k_input", "v
 WRITERS = ("embed", "attn_head_out", "mlp_out")
 READERS = ("q_input", "k_input", "v_input", "mlp_in", "logits")
 _HEADED = ("attn_head_out", "q_input", "k_input", "v_input")
-_SHORT = {"attn_head_out": "", "q_input": ".q", "k_input": ".k", "v_input": ".v", "mlp_out": "", "mlp_in": ".in"}
+_SHORT = {
+    "attn_head_out": "",
+    "q_input": ".q",
+    "k_input": ".k",
+    "v_input": ".v",
+    "mlp_out": "",
+    "mlp_in": ".in",
+}
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,9 @@ class Node:
                 f"{list(WRITERS + READERS)}"
             )
         if (self.layer is None) != (self.kind == "embed"):
-            raise ValueError(f"a {self.kind!r} node {'takes no' if self.kind == 'embed' else 'needs a'} layer")
+            raise ValueError(
+                f"a {self.kind!r} node {'takes no' if self.kind == 'embed' else 'needs a'} layer"
+            )
         if (self.head is None) == (self.kind in _HEADED):
             raise ValueError(f"a {self.kind!r} node {'needs a' if self.kind in _HEADED else 'takes no'} head")
 
@@ -67,9 +76,8 @@ class Node:
     def label(self) -> str:
         """Short name: ``embed``, ``a1.3`` (head 3 of block 1), ``a2.0.k``, ``m1``, ``m1.in``, ``logits``;
         ``@p`` is appended for a node at one position."""
-        if self.kind in ("embed", "logits"):
-            name = self.kind
-        else:
+        name: str = self.kind
+        if self.kind not in ("embed", "logits"):
             letter = "a" if self.kind in _HEADED else "m"
             head = f".{self.head}" if self.head is not None else ""
             name = f"{letter}{self.layer}{head}{_SHORT[self.kind]}"
@@ -234,7 +242,11 @@ class EdgeGraph:
             if isinstance(item, int) and not isinstance(item, bool):
                 self.edge(item)  # checks the range
                 out[item] = True
-            elif isinstance(item, Sequence) and len(item) in (2, 3) and all(isinstance(n, Node) for n in item[:2]):
+            elif (
+                isinstance(item, Sequence)
+                and len(item) in (2, 3)
+                and all(isinstance(n, Node) for n in item[:2])
+            ):
                 out[self.index(item[0], item[1])] = True
             else:
                 raise ValueError(
@@ -247,7 +259,9 @@ class EdgeGraph:
         """The reader block of each edge (the logits count as block ``n_layers``)."""
         per_slot = torch.empty(self.per_slot, dtype=torch.long)
         for g in self.groups:
-            per_slot[g.offset : g.offset + g.size * g.avail] = self.n_layers if g.kind == "logits" else g.layer
+            per_slot[g.offset : g.offset + g.size * g.avail] = (
+                self.n_layers if g.kind == "logits" else g.layer
+            )
         return per_slot.repeat(self.n_edges // self.per_slot)
 
     def group_slice(self, g: _Group) -> slice:

@@ -161,8 +161,8 @@ def edge_patch(
         mean_tokens = token_ids(model, mean_tokens, "mean_tokens")
         if mean_tokens.shape[1] != clean.shape[1]:
             raise ValueError(
-                f"mean_tokens has {mean_tokens.shape[1]} positions, the prompts {clean.shape[1]}: the mean is "
-                "taken per position"
+                f"mean_tokens has {mean_tokens.shape[1]} positions, the prompts {clean.shape[1]}: the mean "
+                "is taken per position"
             )
     if not callable(metric):
         raise ValueError(f"metric must be callable (logits -> scalar), got {type(metric).__name__}")

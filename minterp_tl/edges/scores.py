@@ -121,7 +121,7 @@ def _input_grads(
     hooks += [(r.source, source(r.source)) for r in streams.readers if r.source is not None]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(corrupted.repeat(s, 1))
-        total = sum(scalar(metric, logits[k * b : (k + 1) * b]) for k in range(s))
+        total = torch.stack([scalar(metric, logits[k * b : (k + 1) * b]) for k in range(s)]).sum()
         names = list(outs)
         grads = dict(zip(names, torch.autograd.grad(total, [outs[n] for n in names], allow_unused=True)))
     result = []
