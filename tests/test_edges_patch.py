@@ -26,11 +26,14 @@ def _metric(logits):
     return (logits[:, -1, 3] - logits[:, -1, 5]).mean()
 
 
-@pytest.mark.parametrize("family", SUPPORTED)
-def test_identities(hf_model, family):
+@pytest.mark.parametrize("family", SUPPORTED + ["toy:ln", "toy:gqa", "toy:attn_only", "induction"])
+def test_identities(hf_model, toys, induction_model, family):
     """No edge patched is the run itself; every edge (or every edge into the logits) patched is the other
-    run."""
-    model = hf_model(family)
+    run. Native toys have no per-head forks: their virtual forks are exercised here."""
+    model = (
+        toys[family[4:]] if family.startswith("toy:") else induction_model if family == "induction" else None
+    )
+    model = model if model is not None else hf_model(family)
     clean, corrupted = _pair(model)
     graph = EdgeGraph(model, 5)
     into_logits = [i for i in range(graph.n_edges) if graph.edge(i)[1].kind == "logits"]
@@ -111,3 +114,36 @@ def test_bad_input_before_compute(hf_model, monkeypatch):
         edge_patch(model, clean, corrupted, 3, _metric)  # type: ignore[arg-type]
     monkeypatch.undo()
     assert edge_patch(model, clean, corrupted, [[0]], _metric).shape == (1,)  # the guard could fail
+
+
+def test_virtual_fork_equals_hand_written_hooks(induction_model):
+    """The native induction model has no per-head q/k/v forks (and no LayerNorm): the edge a0.1 -> a1.2's
+    key, denoised at every position, is the corrupted run with hook_k[:, :, 2] moved by
+    (z_clean - z_corrupted)[:, :, 1] @ W_O[1] @ W_K[2]."""
+    model = induction_model
+    clean, corrupted = _pair(model, n=9)
+    _, clean_cache = model.run_with_cache(clean)
+    _, corrupted_cache = model.run_with_cache(corrupted)
+    a0, a1 = model.blocks[0].attn, model.blocks[1].attn
+    with torch.no_grad():
+        m_corrupted = float(_metric(model(corrupted)))
+    write = (clean_cache["blocks.0.attn.hook_z"] - corrupted_cache["blocks.0.attn.hook_z"])[:, :, 1] @ a0.W_O[
+        1
+    ]
+    for c, kind in (("q", "q_input"), ("k", "k_input"), ("v", "v_input")):
+
+        def move(act, hook, c=c):
+            act = act.clone()
+            act[:, :, 2] += write @ getattr(a1, f"W_{c.upper()}")[2]
+            return act
+
+        with torch.no_grad():
+            expected = float(
+                _metric(model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.1.attn.hook_{c}", move)]))
+            )
+        edge = (Node("attn_head_out", None, 0, 1), Node(kind, None, 1, 2))  # type: ignore[arg-type]
+        ours = edge_patch(
+            model, clean, corrupted, [[edge]], _metric, direction="denoising", per_position=False
+        )
+        assert abs(float(ours[0]) - expected) < 1e-5
+        assert abs(expected - m_corrupted) > 1e-4  # the edge matters

@@ -46,12 +46,15 @@ def test_eap_equals_transformer_lens(hf_model, family):
     assert max(abs(v) for v in theirs.values()) > 1e-4  # the pair moves the metric
 
 
-@pytest.mark.parametrize("family", SUPPORTED)
-def test_every_family(hf_model, family):
+@pytest.mark.parametrize("family", SUPPORTED + ["toy:ln", "toy:gqa", "toy:attn_only", "induction"])
+def test_every_family(hf_model, toys, induction_model, family):
     """Completeness: the embedding moves the metric only through the readers' inputs, so the EAP-IG scores
     of the edges out of the embeddings tend to metric(clean) - metric(corrupted) as the steps grow; and
     single-edge EAP scores track exact denoising edge patching (the scores' own linearisation)."""
-    model = hf_model(family)
+    model = (
+        toys[family[4:]] if family.startswith("toy:") else induction_model if family == "induction" else None
+    )
+    model = model if model is not None else hf_model(family)
     clean, corrupted = _pair(model)
     sums = []
     for steps in (20, 40):

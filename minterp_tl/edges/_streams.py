@@ -89,8 +89,8 @@ class Reader:
 class Streams:
     """The writer and reader hooks of ``model`` for ``graph`` (call inside :func:`switches`)."""
 
-    def __init__(self, model: Any, graph: EdgeGraph) -> None:
-        self.model, self.graph = model, graph
+    def __init__(self, model: Any, graph: EdgeGraph, fired: set[str]) -> None:
+        self.model, self.graph, self._fired = model, graph, fired
         self.readers: list[Reader] = [self._reader(g) for g in graph.groups]
 
     def _reader(self, g: _Group) -> Reader:
@@ -100,7 +100,7 @@ class Streams:
             return Reader(g, f"blocks.{g.layer}.hook_resid_post")
         if g.kind in _ATTN:
             c = _ATTN[g.kind]
-            if getattr(model.cfg, "use_split_qkv_input", False):
+            if f"blocks.{g.layer}.attn.hook_{c}_input" in self._fired:
                 return Reader(g, f"blocks.{g.layer}.attn.hook_{c}_input")
             weight = getattr(block.attn, f"W_{c.upper()}")
             ln = block.ln1 if model.cfg.normalization_type is not None else None
@@ -109,7 +109,7 @@ class Streams:
                 return torch.einsum("...hd,hde->...he", x if ln is None else ln(x), weight)
 
             return Reader(g, f"blocks.{g.layer}.attn.hook_{c}", f"blocks.{g.layer}.hook_resid_pre", attn)
-        if getattr(model.cfg, "use_hook_mlp_in", False) and self._fires(f"blocks.{g.layer}.hook_mlp_in"):
+        if f"blocks.{g.layer}.hook_mlp_in" in self._fired:
             return Reader(g, f"blocks.{g.layer}.hook_mlp_in")
         source = "hook_resid_pre" if self.graph.parallel else "hook_resid_mid"
         if f"blocks.{g.layer}.mlp.hook_in" not in hooks or f"blocks.{g.layer}.{source}" not in hooks:
@@ -118,21 +118,6 @@ class Streams:
                 f"mlp.hook_in / {source}): edges into MLPs are not supported for this model"
             )
         return Reader(g, f"blocks.{g.layer}.mlp.hook_in", f"blocks.{g.layer}.{source}", None)
-
-    _fired: Optional[set[str]] = None
-
-    def _fires(self, name: str) -> bool:
-        if self._fired is None:
-            seen: set[str] = set()
-            hooks = [
-                (n, lambda a, hook, n=n: seen.add(n))
-                for n in self.model.hook_dict
-                if n.endswith("hook_mlp_in")
-            ]
-            with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-                self.model(torch.zeros(1, 1, dtype=torch.long, device=self.model.cfg.device))
-            self._fired = seen
-        return name in self._fired
 
     # -- verification of virtual forks ------------------------------------------------------------------
 
@@ -184,16 +169,15 @@ class Streams:
 
     # -- hooks ------------------------------------------------------------------------------------------
 
-    def writer_names(self) -> list[str]:
+    @staticmethod
+    def writer_names(graph: EdgeGraph) -> list[str]:
+        """The hooks :meth:`writes` reads."""
         names = ["blocks.0.hook_resid_pre"]
-        for layer in range(self.graph.n_layers):
+        for layer in range(graph.n_layers):
             names.append(f"blocks.{layer}.attn.hook_z")
-            if self.graph.has_mlp:
+            if graph.has_mlp:
                 names.append(f"blocks.{layer}.hook_mlp_out")
         return names
-
-    def verify_names(self) -> list[str]:
-        return [n for r in self.readers if r.source is not None for n in (r.source, r.hook)]
 
     def writes(self, acts: dict[str, Tensor]) -> Float[Tensor, "batch pos writers d_model"]:
         """Every writer's residual write from a run's activations ``acts`` (of :meth:`writer_names`)."""
@@ -214,13 +198,29 @@ class Streams:
         return torch.einsum("bphe,hed->bphd", z, w_o)
 
 
+def candidates(model: Any, graph: EdgeGraph) -> list[str]:
+    """Every hook a reader may be reached at (forks and virtual forks' sources and targets)."""
+    split = bool(getattr(model.cfg, "use_split_qkv_input", False))  # the forks exist only when switched on
+    mlp_in = bool(getattr(model.cfg, "use_hook_mlp_in", False))
+    names = []
+    for layer in range(graph.n_layers):
+        names += [f"blocks.{layer}.attn.hook_{c}" for c in "qkv"]
+        names += [f"blocks.{layer}.attn.hook_{c}_input" for c in "qkv" if split]
+        names += [f"blocks.{layer}.hook_resid_pre"]
+        if graph.has_mlp:
+            names += [f"blocks.{layer}.{n}" for n in ("mlp.hook_in", "hook_resid_mid")]
+            names += [f"blocks.{layer}.hook_mlp_in"] if mlp_in else []
+    return [n for n in names if n in model.hook_dict]
+
+
 def open_streams(model: Any, graph: EdgeGraph, tokens: Tensor) -> tuple[Streams, Tensor, dict[str, Tensor]]:
-    """:class:`Streams` for ``model`` (inside :func:`switches`), verified on its run on ``tokens``; also that
-    run's ``(logits, activations)``."""
-    streams = Streams(model, graph)
-    logits, acts = record(model, tokens, streams.writer_names() + streams.verify_names())
+    """:class:`Streams` for ``model`` (inside :func:`switches`), chosen from the hooks its run on ``tokens``
+    fires and verified on that run; also the run's ``(logits, activations)``."""
+    writers = Streams.writer_names(graph)
+    logits, acts = record(model, tokens, writers + candidates(model, graph))
+    streams = Streams(model, graph, set(acts))
     streams.verify(acts)
-    return streams, logits, acts
+    return streams, logits, {n: acts[n] for n in writers}
 
 
 def record(model: Any, tokens: Tensor, names: list[str], edit: Optional[list] = None) -> tuple[Tensor, dict]:
@@ -238,4 +238,4 @@ def record(model: Any, tokens: Tensor, names: list[str], edit: Optional[list] = 
     return logits, acts
 
 
-__all__ = ["Reader", "Streams", "open_streams", "record", "refuse_unsupported", "switches"]
+__all__ = ["Reader", "Streams", "candidates", "open_streams", "record", "refuse_unsupported", "switches"]

@@ -4,7 +4,8 @@ Patching edge ``u -> v`` replaces, in ``v``'s input only, ``u``'s write in this 
 the other run (or its mean): ``input[v] += write_other[u] - write_live[u]``. ``write_live`` is the write
 in the patched run itself, so an edge set behaves as ACDC's and TransformerLens's ``faithfulness`` do
 (a writer downstream of a patched edge carries its changed value along the edges that are not patched).
-Each set is one copy of the prompts in the batch; every edge of a set is applied at its reader's hook.
+Each set is one copy of the prompts in the batch; the edges into a reader are one ``"function"``
+:class:`~minterp_tl.interventions.Intervention` at the reader's hook, applied by the toolkit's one applier.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from tqdm.auto import tqdm
 
 from minterp_tl._checks import token_ids
 from minterp_tl._patch_engine import check_sizes, copies_per_forward
-from minterp_tl.edges._streams import Reader, Streams, open_streams, record, refuse_unsupported, switches
+from minterp_tl.edges._streams import Reader, Streams, open_streams, refuse_unsupported, switches
 from minterp_tl.edges.graph import EdgeGraph, graph_for
 from minterp_tl.edges.scores import check_pair, scalar
+from minterp_tl.interventions import Intervention, hook_functions, resolve_steps
 
 Direction = Literal["noising", "denoising"]
 Ablation = Literal["patch", "mean"]
@@ -95,14 +97,16 @@ def _run_sets(
 
         return hook
 
-    names = streams.writer_names() + [r.source for r in streams.readers if r.source is not None]
+    names = streams.writer_names(graph) + [r.source for r in streams.readers if r.source is not None]
     hooks: list[tuple[str, Callable[..., Any]]] = [(n, keep(n)) for n in dict.fromkeys(names)]
-    for r in streams.readers:
+    steps = []
+    for r in streams.readers:  # each reader's change is an Intervention, applied by the one applier
         g = r.group
         mask = per_pos[:, :, graph.group_slice(g)].reshape(k, per_pos.shape[1], g.size, g.avail)
-        hook = _reader_hook(streams, r, mask, other[:, :, : g.avail], live, b)
-        if hook is not None:
-            hooks.append((r.hook, hook))
+        change = _reader_hook(streams, r, mask, other[:, :, : g.avail], live, b)
+        if change is not None:
+            steps += resolve_steps(model, Intervention(r.hook, "function", fn=change), "edge patch")
+    hooks += hook_functions(steps)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         return model(tokens.repeat(k, 1))
 
@@ -178,12 +182,11 @@ def edge_patch(
     base, source = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     out = torch.empty(len(masks))
     with switches(model):
-        streams, _, _ = open_streams(model, graph, base)
-        if ablation == "mean":
-            _, acts = record(model, corrupted if mean_tokens is None else mean_tokens, streams.writer_names())
+        if ablation == "mean":  # the readers are chosen and verified on the run the writes come from
+            streams, _, acts = open_streams(model, graph, corrupted if mean_tokens is None else mean_tokens)
             other = streams.writes(acts).mean(0, keepdim=True)
         else:
-            _, acts = record(model, source, streams.writer_names())
+            streams, _, acts = open_streams(model, graph, source)
             other = streams.writes(acts)
         per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
         with tqdm(total=len(masks), desc="edge patching", unit="set", disable=not progress) as bar:

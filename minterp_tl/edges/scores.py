@@ -187,7 +187,7 @@ def edge_attribution(
     graph = graph_for(model, n_pos, graph, per_position)
     with switches(model):
         streams, clean_logits, clean_acts = open_streams(model, graph, clean)
-        corrupted_logits, corrupted_acts = record(model, corrupted, streams.writer_names())
+        corrupted_logits, corrupted_acts = record(model, corrupted, streams.writer_names(graph))
         with torch.no_grad():
             clean_writes = streams.writes(clean_acts)
             delta = clean_writes - streams.writes(corrupted_acts)
