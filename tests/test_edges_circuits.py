@@ -69,3 +69,40 @@ def test_induction_circuit(induction_model, tmp_path):
         load_json(save_circuit(circuit, tmp_path / "c.json")).number_of_edges() == circuit.number_of_edges()
     )
     assert plot_circuit(circuit, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_greedy_order_equals_its_definition(induction_model):
+    """The heap-based greedy order is the step-by-step definition: each step takes the largest |score|
+    among the edges whose reader is the logits or belongs to a head already written from (a key/value
+    reader: any head of its group)."""
+    clean, corrupted, metric = _task()
+    scores = edge_attribution(induction_model, clean, corrupted, metric, ig_steps=3)
+    graph = scores.graph
+    left, connected, expected = scores.scores.abs().tolist(), {"logits"}, []
+    edges = graph.edges()
+    group = graph.n_heads // graph.n_kv_heads
+
+    def component(node):
+        if node.kind == "logits":
+            return "logits"
+        if node.kind in ("k_input", "v_input"):
+            return ("kv", node.layer, node.head)
+        return (
+            "mlp" if node.kind in ("mlp_in", "mlp_out") else "head",
+            node.layer,
+            node.head if "q" in node.kind or node.kind == "attn_head_out" else None,
+        )
+
+    for _ in range(300):
+        best = max(
+            (i for i in range(graph.n_edges) if left[i] >= 0 and component(edges[i][1]) in connected),
+            key=lambda i: (left[i], -i),
+        )
+        expected.append(best)
+        left[best] = -1.0
+        writer = edges[best][0]
+        if writer.kind != "embed":
+            connected.add(component(writer))
+            if writer.kind == "attn_head_out":
+                connected.add(("kv", writer.layer, writer.head // group))
+    assert greedy_order(scores, 300).tolist() == expected

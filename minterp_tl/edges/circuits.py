@@ -4,6 +4,8 @@ ablated), the faithfulness curve, and the circuit as a networkx graph (plot and 
 
 from __future__ import annotations
 
+import heapq
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,27 +68,39 @@ def greedy_order(scores: EdgeScores, n: int) -> Int[Tensor, " n"]:
     n = _count(n, graph)
     reader, writer = _components(graph)
     n_slots = graph.n_edges // graph.per_slot
-    reader, writer = reader.repeat(n_slots), writer.repeat(n_slots)
+    ranked = scores.scores.abs().argsort(descending=True, stable=True)
+    readers = reader.repeat(n_slots)[ranked].tolist()
+    writers = writer.repeat(n_slots)[ranked].tolist()
     group = graph.n_heads // graph.n_kv_heads
     per_layer = graph.n_heads + int(graph.has_mlp)
-    connected = torch.zeros(len(graph.writers) + graph.n_layers * graph.n_kv_heads + 1, dtype=torch.bool)
-    connected[-1] = True
-    left = scores.scores.abs().clone()
-    order: list[int] = []
-    for _ in range(n):
-        candidates = torch.where(connected[reader], left, -1.0)
-        i = int(candidates.argmax())
-        if candidates[i] < 0:
+    connected = [False] * (len(graph.writers) + graph.n_layers * graph.n_kv_heads) + [True]  # the logits
+    parked: dict[int, list[int]] = defaultdict(list)  # component -> ranks waiting for it to connect
+    ready: list[int] = []  # ranks whose reader connected after they were passed over (a heap)
+    taken: list[int] = []
+    rank = 0
+    while len(taken) < n:
+        while rank < len(readers) and not connected[readers[rank]]:
+            parked[readers[rank]].append(rank)
+            rank += 1
+        if ready and (rank >= len(readers) or ready[0] < rank):
+            r = heapq.heappop(ready)
+        elif rank < len(readers):
+            r, rank = rank, rank + 1
+        else:
             break  # nothing left that leads to the logits
-        order.append(i)
-        left[i] = -2.0
-        w = int(writer[i])
+        taken.append(r)
+        w = writers[r]
         if w > 0 and not connected[w]:
-            connected[w] = True
             layer, j = divmod(w - 1, per_layer)
-            if j < graph.n_heads:  # a head also connects its key/value head's readers
-                connected[len(graph.writers) + layer * graph.n_kv_heads + j // group] = True
-    return torch.tensor(order, dtype=torch.long)
+            new = [w] + (
+                [len(graph.writers) + layer * graph.n_kv_heads + j // group] if j < graph.n_heads else []
+            )
+            for c in new:  # a head also connects its key/value head's readers
+                if not connected[c]:
+                    connected[c] = True
+                    for waiting in parked.pop(c, []):
+                        heapq.heappush(ready, waiting)
+    return ranked[torch.tensor(taken, dtype=torch.long)]
 
 
 def prune(

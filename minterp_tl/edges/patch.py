@@ -10,6 +10,7 @@ Each set is one copy of the prompts in the batch; the edges into a reader are on
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Optional
 
@@ -32,20 +33,26 @@ Ablation = Literal["patch", "mean"]
 def _live_writes(
     streams: Streams, live: dict[str, Tensor], cols: Tensor
 ) -> Float[Tensor, "rows pos n_cols d_model"]:
-    """The writes of writer ids ``cols`` in the running forward (``live`` holds its writer activations)."""
-    graph, parts = streams.graph, []
+    """The writes of writer ids ``cols`` in the running forward (``live`` holds its writer activations);
+    the heads of one block in one product."""
+    graph = streams.graph
     per_layer = graph.n_heads + int(graph.has_mlp)
-    for w in cols.tolist():
-        if w == 0:
-            parts.append(live["blocks.0.hook_resid_pre"])
-            continue
+    parts: list[Optional[Tensor]] = [None] * len(cols)
+    heads: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for k, w in enumerate(cols.tolist()):
         layer, j = divmod(w - 1, per_layer)
-        if j < graph.n_heads:
-            z = live[f"blocks.{layer}.attn.hook_z"]
-            parts.append(streams.head_writes(layer, z, torch.tensor([j]))[:, :, 0])
+        if w == 0:
+            parts[k] = live["blocks.0.hook_resid_pre"]
+        elif j < graph.n_heads:
+            heads[layer].append((k, j))
         else:
-            parts.append(live[f"blocks.{layer}.hook_mlp_out"])
-    return torch.stack(parts, dim=2)
+            parts[k] = live[f"blocks.{layer}.hook_mlp_out"]
+    for layer, items in heads.items():
+        z = live[f"blocks.{layer}.attn.hook_z"]
+        writes = streams.head_writes(layer, z, torch.tensor([j for _, j in items]))
+        for n, (k, _) in enumerate(items):
+            parts[k] = writes[:, :, n]
+    return torch.stack(parts, dim=2)  # type: ignore[arg-type]  # every column is filled above
 
 
 def _reader_hook(
