@@ -94,7 +94,7 @@ class Streams:
         self.readers: list[Reader] = [self._reader(g) for g in graph.groups]
 
     def _reader(self, g: _Group) -> Reader:
-        model, hooks = self.model, self.model.hook_dict
+        model, fired = self.model, self._fired
         block = model.blocks[g.layer]
         if g.kind == "logits":
             return Reader(g, f"blocks.{g.layer}.hook_resid_post")
@@ -102,17 +102,24 @@ class Streams:
             c = _ATTN[g.kind]
             if f"blocks.{g.layer}.attn.hook_{c}_input" in self._fired:
                 return Reader(g, f"blocks.{g.layer}.attn.hook_{c}_input")
+            target, source = f"blocks.{g.layer}.attn.hook_{c}", f"blocks.{g.layer}.hook_resid_pre"
+            if target not in fired or source not in fired:
+                raise NotImplementedError(
+                    f"block {g.layer}'s heads' {c} inputs cannot be reached on this bridge (no "
+                    f"hook_{c}_input fork, and {target} or {source} does not run): edges into attention "
+                    "heads are not supported for this model"
+                )
             weight = getattr(block.attn, f"W_{c.upper()}")
             ln = block.ln1 if model.cfg.normalization_type is not None else None
 
             def attn(x: Tensor, weight: Tensor = weight, ln: Any = ln) -> Tensor:
                 return torch.einsum("...hd,hde->...he", x if ln is None else ln(x), weight)
 
-            return Reader(g, f"blocks.{g.layer}.attn.hook_{c}", f"blocks.{g.layer}.hook_resid_pre", attn)
-        if f"blocks.{g.layer}.hook_mlp_in" in self._fired:
+            return Reader(g, target, source, attn)
+        if f"blocks.{g.layer}.hook_mlp_in" in fired:
             return Reader(g, f"blocks.{g.layer}.hook_mlp_in")
         source = "hook_resid_pre" if self.graph.parallel else "hook_resid_mid"
-        if f"blocks.{g.layer}.mlp.hook_in" not in hooks or f"blocks.{g.layer}.{source}" not in hooks:
+        if f"blocks.{g.layer}.mlp.hook_in" not in fired or f"blocks.{g.layer}.{source}" not in fired:
             raise NotImplementedError(
                 f"block {g.layer}'s MLP input cannot be reached on this bridge (no hook_mlp_in fork and no "
                 f"mlp.hook_in / {source}): edges into MLPs are not supported for this model"
@@ -223,7 +230,7 @@ def open_streams(model: Any, graph: EdgeGraph, tokens: Tensor) -> tuple[Streams,
     return streams, logits, {n: acts[n] for n in writers}
 
 
-def record(model: Any, tokens: Tensor, names: list[str], edit: Optional[list] = None) -> tuple[Tensor, dict]:
+def record(model: Any, tokens: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """A no-grad forward on ``tokens`` keeping the activations at ``names``: ``(logits, acts)``."""
     acts: dict[str, Tensor] = {}
 
@@ -233,7 +240,7 @@ def record(model: Any, tokens: Tensor, names: list[str], edit: Optional[list] = 
 
         return hook
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep(n)) for n in dict.fromkeys(names)] + (edit or [])):
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep(n)) for n in dict.fromkeys(names)]):
         logits = model(tokens)
     return logits, acts
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool
 from torch import Tensor
 
 from minterp_tl._checks import did_you_mean, positive_int
@@ -254,15 +254,6 @@ class EdgeGraph:
                     f"score) triple; got {item!r}"
                 )
         return out
-
-    def layer_of_edges(self) -> Int[Tensor, " n_edges"]:
-        """The reader block of each edge (the logits count as block ``n_layers``)."""
-        per_slot = torch.empty(self.per_slot, dtype=torch.long)
-        for g in self.groups:
-            per_slot[g.offset : g.offset + g.size * g.avail] = (
-                self.n_layers if g.kind == "logits" else g.layer
-            )
-        return per_slot.repeat(self.n_edges // self.per_slot)
 
     def group_slice(self, g: _Group) -> slice:
         """The edge slots of group ``g`` within a position."""
