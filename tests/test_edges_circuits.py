@@ -3,6 +3,7 @@ EAP-IG against EAP and exact patching, the curve and the graph."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minterp_tl.attribution import compare
@@ -69,6 +70,23 @@ def test_induction_circuit(induction_model, tmp_path):
         load_json(save_circuit(circuit, tmp_path / "c.json")).number_of_edges() == circuit.number_of_edges()
     )
     assert plot_circuit(circuit, tmp_path / "c.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="circuit size must be an integer"):
+        faithfulness_curve(model, clean, corrupted, ig, metric, sizes=[10.5])
+
+
+def test_one_edge_for_all_positions(induction_model):
+    """per_position=False: pruning still changes no faithfulness value, and every edge kept is the sum of
+    its positions (EAP is linear in the positions)."""
+    clean, corrupted, metric = _task()
+    per_pos = edge_attribution(induction_model, clean, corrupted, metric)
+    merged = edge_attribution(induction_model, clean, corrupted, metric, per_position=False)
+    summed = per_pos.scores.view(-1, merged.graph.per_slot).sum(0)
+    assert torch.allclose(merged.scores, summed, atol=1e-5)
+    graph = merged.graph
+    mask = top_edges(merged, 40)
+    pruned = prune(graph, mask)
+    share = faithfulness(induction_model, clean, corrupted, [mask, pruned], metric, graph=graph)
+    assert abs(float(share[0] - share[1])) < 1e-4
 
 
 def test_greedy_order_equals_its_definition(induction_model):

@@ -5,6 +5,7 @@ ablated), the faithfulness curve, and the circuit as a networkx graph (plot and 
 from __future__ import annotations
 
 import heapq
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,10 +24,17 @@ from minterp_tl.edges.scores import EdgeScores, scalar
 from minterp_tl.routes import save_json
 
 
-def _count(n: int, graph: EdgeGraph) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= graph.n_edges:
-        raise ValueError(f"n must be an int in 0..{graph.n_edges} (the graph's edges), got {n!r}")
-    return n
+def _count(n: Any, graph: EdgeGraph) -> int:
+    """``n`` as a number of edges of ``graph`` (an integer in ``0..n_edges``)."""
+    try:
+        value = operator.index(n) if not isinstance(n, bool) else -1
+    except TypeError:
+        value = -1
+    if not 0 <= value <= graph.n_edges:
+        raise ValueError(
+            f"a circuit size must be an integer in 0..{graph.n_edges} (the graph's edges), got {n!r}"
+        )
+    return value
 
 
 def top_edges(scores: EdgeScores, n: int) -> Bool[Tensor, " n_edges"]:
@@ -263,7 +271,7 @@ def faithfulness_curve(
     if sizes is None:
         shares = [0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
         sizes = sorted({round(s * graph.n_edges) for s in shares})
-    sizes = [_count(int(n) if not isinstance(n, bool) else n, graph) for n in sizes]
+    sizes = [_count(n, graph) for n in sizes]
     if greedy:
         order = greedy_order(scores, max(sizes))
         circuits = []
