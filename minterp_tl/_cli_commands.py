@@ -427,7 +427,9 @@ def cmd_routes(args: argparse.Namespace) -> int:
     n = llm.n_tokens(0)
     if not -n <= args.token < n:
         return fail(f"--token {args.token} is out of range: the prompt has {n} tokens (valid: {-n}..{n - 1})")
-    graph = build_graph(llm, 0, threshold=args.threshold, progress=not args.no_progress)
+    graph = build_graph(
+        llm, 0, threshold=args.threshold, progress=not args.no_progress, distance_norm=args.distance_norm
+    )
     seconds = time.perf_counter() - start
     token = args.token % n
     tokens = graph.graph["tokens"]

@@ -221,6 +221,13 @@ def _parser() -> argparse.ArgumentParser:
         "--token", type=int, default=-1, help="position whose prediction to explain (default: -1, the last)"
     )
     routes.add_argument("--top-k", type=int, default=5, help="how many strongest paths to print (default: 5)")
+    routes.add_argument(
+        "--distance-norm",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="distance of the contributions: 1 (L1, the paper's; default) or 2 (L2)",
+    )
     routes.add_argument("--json", help="also write the full graph as JSON to this path")
     _common(
         routes,

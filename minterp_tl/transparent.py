@@ -151,9 +151,18 @@ class TransparentLlm(ABC):
         """The (lower-triangular) attention pattern of one head."""
 
     @abstractmethod
-    def attention_output(self, batch_i: int, layer: int, pos: int, head: int) -> Float[Tensor, d_model]:
+    def attention_output_per_head(
+        self, batch_i: int, layer: int, pos: int, head: int
+    ) -> Float[Tensor, d_model]:
         """What one head adds to the residual stream at ``pos`` (without the output bias, which
         belongs to no head)."""
+
+    @abstractmethod
+    def attention_output(
+        self, batch_i: int, layer: int, pos: int, head: Optional[int] = None
+    ) -> Float[Tensor, d_model]:
+        """What the attention of ``layer`` adds to the residual stream at ``pos`` (the tool's app calls
+        it so); with ``head``, :meth:`attention_output_per_head` (the seed interface's signature)."""
 
     @abstractmethod
     def decomposed_attn(self, batch_i: int, layer: int) -> Float[Tensor, "target source head d_model"]:
@@ -351,7 +360,21 @@ class TransformerLensTransparentLlm(TransparentLlm):
         return self._no_bias_under_post_norm("attn", layer, self._attn_weights(layer)[1])
 
     @torch.no_grad()
-    def attention_output(self, batch_i: int, layer: int, pos: int, head: int) -> Float[Tensor, d_model]:
+    def attention_output(
+        self, batch_i: int, layer: int, pos: int, head: Optional[int] = None
+    ) -> Float[Tensor, d_model]:
+        """The attention's ``hook_attn_out`` at ``(batch_i, pos)``: every head's output, the output bias and
+        any post-norm (``residual_in + attention_output == residual_after_attn``); with ``head``,
+        :meth:`attention_output_per_head`."""
+        if head is not None:
+            return self.attention_output_per_head(batch_i, layer, pos, head)
+        b, p = self._bp(batch_i, pos)
+        return self._get("blocks.{}.hook_attn_out", self._layer(layer))[b, p]
+
+    @torch.no_grad()
+    def attention_output_per_head(
+        self, batch_i: int, layer: int, pos: int, head: int
+    ) -> Float[Tensor, d_model]:
         b, p = self._bp(batch_i, pos)
         h = self._index(head, self._n_heads, "head")
         layer = self._layer(layer)

@@ -124,8 +124,11 @@ def test_transparent_llm_identities(hf_model, family) -> None:
         total = parts.sum(dim=(1, 2)) + llm.attention_output_bias(layer)
         assert _close(total, cache[f"blocks.{layer}.hook_attn_out"][0]), ("attention", layer)
         for head in (0, 3):
-            one = llm.attention_output(1, layer, 4, head)
+            one = llm.attention_output_per_head(1, layer, 4, head)
             assert _close(one, parts[4, :, head].sum(0), rel=1e-5)
+            assert torch.equal(llm.attention_output(1, layer, 4, head), one)  # the seed's signature
+        # what the tool's app reads: the whole attention output at a position (heads, bias, post-norm)
+        assert _close(llm.attention_output(1, layer, 4), cache[f"blocks.{layer}.hook_attn_out"][0, 4])
         for pos in (0, 4):
             ffn = llm.decomposed_ffn_out(1, layer, pos).sum(0) + llm.ffn_output_bias(layer)
             assert _close(ffn, cache[f"blocks.{layer}.hook_mlp_out"][0, pos]), ("ffn", layer, pos)

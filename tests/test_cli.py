@@ -98,6 +98,8 @@ def cli(tmp_path_factory) -> dict:
             PROMPT,
             "--top-k",
             "3",
+            "--distance-norm",
+            "2",
             "--no-progress",
             "--out",
             str(out / "routes.png"),
@@ -414,7 +416,7 @@ def test_routes_prints_paths_and_writes_png_and_json(cli, smollm2):
 
     llm = TransformerLensTransparentLlm(smollm2)
     llm.run([PROMPT])
-    graph = build_graph(llm, 0, progress=False)
+    graph = build_graph(llm, 0, progress=False, distance_norm=2)  # the command ran with --distance-norm 2
     expected = [r.describe(graph.graph["tokens"]) for r in strongest_paths(graph, token=-1, k=3)]
 
     out = _ok(cli["routes"].result())

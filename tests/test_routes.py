@@ -20,12 +20,12 @@ from minterp_tl.transparent import TransformerLensTransparentLlm
 # ---------------------------------------------------------------------------------------------
 
 
-def _l1(x: torch.Tensor) -> float:
-    return float(x.abs().sum())
+def _norm(x: torch.Tensor, p: int) -> float:
+    return float(torch.linalg.vector_norm(x, ord=p))
 
 
-def _shares(parts: list[torch.Tensor], whole: torch.Tensor, tau: float) -> list[float]:
-    c = [max(_l1(whole) - _l1(whole - p), 1e-5) for p in parts]
+def _shares(parts: list[torch.Tensor], whole: torch.Tensor, tau: float, p: int = 1) -> list[float]:
+    c = [max(_norm(whole, p) - _norm(whole - part, p), 1e-5) for part in parts]
     total = sum(c)
     c = [x / total for x in c]
     c = [x if x > tau else 0.0 for x in c]
@@ -33,7 +33,7 @@ def _shares(parts: list[torch.Tensor], whole: torch.Tensor, tau: float) -> list[
     return [x / total for x in c] if total > 0 else c
 
 
-def reference_graph(model, tokens: list[int], tau: float) -> dict[tuple[str, str], float]:
+def reference_graph(model, tokens: list[int], tau: float, p: int = 1) -> dict[tuple[str, str], float]:
     """Edge -> weight, built with Python loops from the cache of a separate forward pass."""
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.tensor([tokens]))
@@ -59,7 +59,7 @@ def reference_graph(model, tokens: list[int], tau: float) -> dict[tuple[str, str
                 for h in range(n_heads):
                     keys.append(s)
                     parts.append(pattern[h, t, s] * (v[s, h // group] @ w_o[h]))
-            shares = _shares(parts + [pre[t]], mid[t], tau)
+            shares = _shares(parts + [pre[t]], mid[t], tau, p)
             for s, c in zip(keys, shares[:-1]):
                 add(src(s), f"A{layer}_{t}", c)
             add(src(t), f"A{layer}_{t}", shares[-1])
@@ -68,7 +68,7 @@ def reference_graph(model, tokens: list[int], tau: float) -> dict[tuple[str, str
                 if model.cfg.attn_only
                 else cache[f"blocks.{layer}.hook_mlp_out"][0, t]
             )
-            c_ffn, c_res = _shares([mlp_out, mid[t]], post[t], tau)
+            c_ffn, c_res = _shares([mlp_out, mid[t]], post[t], tau, p)
             add(f"A{layer}_{t}", f"M{layer}_{t}", c_ffn)
             add(f"M{layer}_{t}", f"I{layer}_{t}", c_ffn)
             add(f"A{layer}_{t}", f"I{layer}_{t}", c_res)
@@ -80,13 +80,16 @@ def reference_graph(model, tokens: list[int], tau: float) -> dict[tuple[str, str
 PROMPTS = [[3, 17, 5, 42, 8, 1, 30, 3, 9, 17, 5, 22, 48, 0, 13, 8, 1], [11, 2, 29, 7, 40]]
 
 
-@pytest.mark.parametrize("tau", [0.0, 0.04])
-def test_graph_equals_the_direct_implementation(toy, tau):
+@pytest.mark.parametrize("tau, p", [(0.0, 1), (0.04, 1), (0.04, 2)])
+def test_graph_equals_the_direct_implementation(toy, tau, p):
+    """The graph against loops over a separate forward pass, with the L1 and the L2 distance (the tool's
+    ``distance_norm``)."""
     llm = TransformerLensTransparentLlm(toy)
     llm.run(PROMPTS)
     for batch_i in (0, 1):  # batch 1 is shorter and padded: the tool indexed it wrongly
-        graph = routes.build_graph(llm, batch_i, threshold=tau, progress=False)
-        expected = reference_graph(toy, PROMPTS[batch_i], tau)
+        graph = routes.build_graph(llm, batch_i, threshold=tau, progress=False, distance_norm=p)
+        assert graph.graph["distance_norm"] == p
+        expected = reference_graph(toy, PROMPTS[batch_i], tau, p)
         got = {(u, v): d["weight"] for u, v, d in graph.edges(data=True)}
         assert set(got) == set(expected)
         worst = max(abs(got[e] - expected[e]) for e in expected)
@@ -157,6 +160,15 @@ def test_contribution_formulas_by_hand():
     assert resid.tolist() == pytest.approx([0.3 / 0.97])
     with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\)"):
         routes.threshold_and_renormalize(blocks, resid, 1.5)
+    # L2 (the tool's distance_norm=2): |w|_2 = sqrt 2; |w - p|_2 = 1, 1, sqrt 13
+    c2 = routes.contributions(parts, whole, 2)
+    first = 2**0.5 - 1
+    assert c2.tolist() == pytest.approx(
+        [first / (2 * first + 1e-5)] * 2 + [1e-5 / (2 * first + 1e-5)], rel=1e-6
+    )
+    for bad in (0, 3, "l2", True):
+        with pytest.raises(ValueError, match="distance_norm must be 1"):
+            routes.contributions(parts, whole, bad)
 
 
 # ---------------------------------------------------------------------------------------------

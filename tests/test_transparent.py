@@ -121,8 +121,12 @@ def test_per_head_outputs_and_axis_order(kind, toy_runs, smol_run):
         # axis order [target, source, ...]: causal, so a source after its target contributes nothing
         assert torch.equal(decomposed[0, 1:], torch.zeros_like(decomposed[0, 1:]))
         for pos in (0, n - 1):
-            heads = torch.stack([llm.attention_output(b, layer, pos, h) for h in range(model.cfg.n_heads)])
+            heads = torch.stack(
+                [llm.attention_output_per_head(b, layer, pos, h) for h in range(model.cfg.n_heads)]
+            )
             assert close(heads, per_head[pos])
+            whole = llm.attention_output(b, layer, pos)
+            assert close(whole, heads.sum(0) + llm.attention_output_bias(layer))
         assert close(llm.decomposed_attn_rows(b, layer, 1, 3), decomposed[1:3, :3], rel=1e-6)
 
 
