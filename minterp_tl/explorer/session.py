@@ -39,6 +39,9 @@ class Explorer:
     """
 
     def __init__(self, model: Any, *, max_tokens: int = 64, top_k: int = 10) -> None:
+        if getattr(model, "tokenizer", None) is None:
+            name = getattr(model.cfg, "model_name", "this model")
+            raise ValueError(f"model {name!r} has no tokenizer: the explorer reads text prompts")
         self.model = model
         self.max_tokens = positive_int(max_tokens, "max_tokens")
         self.top_k = positive_int(top_k, "top_k")
