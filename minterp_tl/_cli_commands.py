@@ -463,6 +463,28 @@ def cmd_routes(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from minterp_tl.explorer import Explorer
+    from minterp_tl.explorer.server import App, make_server
+
+    if not 0 <= args.port <= 65535:
+        return fail(f"--port must be in 0..65535, got {args.port}")
+    model = load_text_model(args)
+    try:
+        httpd = make_server(App(Explorer(model), name=args.model), args.host, args.port)
+    except OSError as err:
+        return fail(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    host, port = str(httpd.server_address[0]), int(httpd.server_address[1])
+    print(f"minterp_tl explorer on http://{host}:{port}/ (model {args.model}); Ctrl-C stops it", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
 def cmd_circuit(args: argparse.Namespace) -> int:
     if args.model not in CIRCUIT_MODELS:
         raise BadInput(
@@ -596,5 +618,6 @@ __all__ = [
     "unravel",
     "cmd_patch",
     "cmd_routes",
+    "cmd_serve",
     "cmd_circuit",
 ]

