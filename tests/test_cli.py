@@ -520,3 +520,38 @@ def test_import_and_help_load_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-1000:]
     assert "HEAVY []" in out.stdout and "LAZY minterp_tl.edits minterp_tl.patching True" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------------------------
+
+
+def test_serve_listens_on_localhost_and_answers(hf_model):
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    folder = hf_model.folder("gpt2")
+    command = [sys.executable, "-c", "from minterp_tl.cli import run; run()", "serve", "--model", folder]
+    proc = subprocess.Popen(command + ["--port", "0", "--no-progress"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert "minterp_tl explorer on http://127.0.0.1:" in line, line
+        url = line.split()[3]
+        request = urllib.request.Request(
+            url + "api/run", data=json.dumps({"prompt": "The capital of France is"}).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["n_layers"] == 2
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert b"minterp_tl explorer" in response.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_bad_port_exits_2(capsys):
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port must be in 0..65535" in capsys.readouterr().err
