@@ -58,6 +58,9 @@ def test_clicks_match_the_model(explorer, smollm2):
     graph = build_graph(explorer.llm, 0, threshold=0.0, progress=False)
     shares = graph.edges["I22_4", "A23_5"]["heads"]
     assert explorer.edge(23, 5, 4)["heads"][0]["head"] == max(range(len(shares)), key=shares.__getitem__)
+    l2 = build_graph(explorer.llm, 0, threshold=0.0, progress=False, distance_norm=2).edges["I22_4", "A23_5"]
+    l2_heads = [h["head"] for h in explorer.edge(23, 5, 4, distance_norm=2)["heads"]]
+    assert l2_heads == sorted(range(len(shares)), key=lambda h: -l2["heads"][h])  # the graph's order, L2
     ffn = explorer.ffn(29, 5)
     assert len(ffn["neurons"]) == explorer.top_k and ffn["neurons"][0]["share"] >= ffn["neurons"][-1]["share"]
 

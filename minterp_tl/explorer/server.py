@@ -14,7 +14,7 @@ API (``GET /api/<action>?...``; ``run``, ``patch`` and ``model`` change the stat
 ``graph``          ``token``, ``threshold``, ``distance_norm``
 ``representation`` ``layer`` (-1: embeddings), ``pos``
 ``head``           ``layer``, ``pos``, ``head``
-``edge``           ``layer``, ``target``, ``source``
+``edge``           ``layer``, ``target``, ``source``, ``distance_norm``
 ``ffn``            ``layer``, ``pos``
 ``neuron``         ``layer``, ``neuron``
 ``lens``           (none)
@@ -111,7 +111,9 @@ class App:
             ),
             "representation": lambda: e.representation(_int(p, "layer"), _int(p, "pos")),
             "head": lambda: e.head(_int(p, "layer"), _int(p, "pos"), _int(p, "head")),
-            "edge": lambda: e.edge(_int(p, "layer"), _int(p, "target"), _int(p, "source")),
+            "edge": lambda: e.edge(
+                _int(p, "layer"), _int(p, "target"), _int(p, "source"), _int(p, "distance_norm", 1)
+            ),
             "ffn": lambda: e.ffn(_int(p, "layer"), _int(p, "pos")),
             "neuron": lambda: e.neuron(_int(p, "layer"), _int(p, "neuron")),
             "lens": e.lens,

@@ -23,7 +23,7 @@ from minterp_tl import patching
 from minterp_tl._checks import index, positive_int
 from minterp_tl.lens import readout
 from minterp_tl.metrics import logit_diff_metric, normalized_metric
-from minterp_tl.routes import build_graph, paths_to_prediction, strongest_paths
+from minterp_tl.routes import attention_contributions, build_graph, paths_to_prediction, strongest_paths
 from minterp_tl.transparent import TransformerLensTransparentLlm
 
 Json = dict[str, Any]
@@ -126,20 +126,19 @@ class Explorer:
         vector = self.llm.attention_output_per_head(0, layer, index(pos, n, "pos"), head)
         return {"layer": layer, "pos": pos, "head": head, **self._pushes(vector)}
 
-    def edge(self, layer: int, target: int, source: int) -> Json:
-        """The attention edge ``source -> target`` of ``layer``: its heads by share, each with what it
-        wrote at ``target``."""
+    def edge(self, layer: int, target: int, source: int, distance_norm: int = 1) -> Json:
+        """The attention edge ``source -> target`` of ``layer``: its heads by their share of the edge (the
+        graph's contributions, unthresholded, with ``distance_norm``), and what the strongest head wrote at
+        ``target``."""
         n = self._need_run()
         t, s = index(target, n, "target"), index(source, n, "source")
         if s > t:
             raise ValueError(f"source {s} comes after target {t}: attention only reads earlier positions")
-        parts = self.llm.decomposed_attn_rows(0, layer, t, t + 1)[0, s]  # [head, d_model]
-        whole = self.llm.residual_after_attn(layer)[0, t]
-        share = (whole.abs().sum() - (whole - parts).abs().sum(-1)).clamp_min(0)
+        layer = index(layer, self.llm.model_info().n_layers, "layer")
+        c_attn, _ = attention_contributions(self.llm, 0, layer, n_tokens=n, distance_norm=distance_norm)
+        share = c_attn[t, s] / c_attn[t, s].sum()
         order = share.argsort(descending=True).tolist()
-        heads = [
-            {"head": h, "share": round(float(share[h] / share.sum().clamp_min(1e-12)), 6)} for h in order
-        ]
+        heads = [{"head": h, "share": round(float(share[h]), 6)} for h in order]
         return {
             "layer": layer,
             "target": t,

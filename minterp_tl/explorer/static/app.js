@@ -98,7 +98,7 @@ function mark(el) {
 
 async function selectEdge(line, layer, target, source) {
   mark(line);
-  const data = await api("edge", { layer, target, source });
+  const data = await api("edge", { layer, target, source, distance_norm: $("norm").value });
   const heads = data.heads.slice(0, 5).map((h) => `<li>head ${h.head}: ${(100 * h.share).toFixed(1)}%</li>`);
   $("panel").innerHTML = `<p id="edge-panel">Attention edge, layer ${layer}: token ${source} → ${target}.
     Strongest head: <b id="edge-head">L${layer}H${data.heads[0].head}</b></p><ol>${heads.join("")}</ol>
