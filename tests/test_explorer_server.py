@@ -97,7 +97,9 @@ def test_errors_are_messages_and_the_server_keeps_serving(server, monkeypatch):
     assert status == 200 and body["top"][0]["token"] == " Paris"
     with urllib.request.urlopen(f"{base}/api/info", timeout=10) as response:
         assert json.loads(response.read())["prompt"] == PROMPT
-    for path in ("/static/../../etc/passwd", "/nothing.txt", "/static/missing.js"):
+    with urllib.request.urlopen(f"{base}/static/app.js", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/javascript")
+    for path in ("/static/../../etc/passwd", "/nothing.txt", "/static/missing.js", "/elsewhere/app.js"):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(base + path, timeout=10)
         assert err.value.code == 404

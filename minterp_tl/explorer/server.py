@@ -158,9 +158,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._api(url.path[len("/api/") :], params)
         if url.path == "/favicon.ico":
             return self._send(204, b"", "image/x-icon")
-        name = "index.html" if url.path in ("", "/") else url.path.rsplit("/", 1)[-1]
+        name = "index.html" if url.path in ("", "/") else url.path.removeprefix("/static/")
         path = STATIC / name
-        if not url.path.startswith(("/static/", "/")) or not _NAME.match(name) or not path.is_file():
+        if not _NAME.match(name) or not path.is_file():  # "/static/<file>" of the package only
             return self._json(404, {"error": f"no such page: {url.path}"})
         self._send(200, path.read_bytes(), _TYPES[path.suffix])
 
