@@ -98,3 +98,10 @@ def test_bad_input(smollm2):
         e.graph(threshold=2.0)
     with pytest.raises(ValueError, match="distance_norm must be 1"):
         e.graph(distance_norm=3)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_not_truncated(hf_model):
+    e = Explorer(hf_model("gpt2"), max_tokens=1000)  # a 64-token context
+    with pytest.raises(ValueError, match="more than the model's context of 64"):
+        e.run("word " * 200)
+    assert e.prompt is None

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from minterp_tl import patching
-from minterp_tl._checks import index, positive_int
+from minterp_tl._checks import index, positive_int, text_tokens
 from minterp_tl.lens import readout
 from minterp_tl.metrics import logit_diff_metric, normalized_metric
 from minterp_tl.routes import attention_contributions, build_graph, paths_to_prediction, strongest_paths
@@ -55,7 +55,7 @@ class Explorer:
     def _tokens(self, prompt: Any, what: str) -> Tensor:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"the {what} is empty: type some text")
-        tokens = self.model.to_tokens(prompt)
+        tokens = text_tokens(self.model, prompt, f"the {what}")  # never truncated silently
         if tokens.shape[1] > self.max_tokens:
             raise ValueError(
                 f"the {what} is {tokens.shape[1]} tokens long; at most {self.max_tokens} are accepted"
@@ -274,7 +274,7 @@ class Explorer:
         n = self._need_run()
         n_layers = self.llm.model_info().n_layers
         layer, p = index(layer, n_layers, "layer"), index(pos, n, "pos")
-        corrupted = self.model.to_tokens(corrupted_prompt)
+        corrupted = text_tokens(self.model, corrupted_prompt, "the corrupted prompt")
         clean_state = self.llm.residual_in(layer)[0, p]
         states: dict[str, Tensor] = {}
 
