@@ -28,6 +28,10 @@ def atomic_write(path: Union[str, os.PathLike[str]], write: Callable[[IO[bytes]]
         ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not folder.is_dir():  # before anything is computed into the file
+        what = "is a folder" if path.is_dir() else f"is in {str(folder)!r}, which is not an existing folder"
+        raise ValueError(f"cannot write {str(path)!r}: it {what}; give a file path in an existing folder")
     fd, tmp = tempfile.mkstemp(
         dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp"
     )

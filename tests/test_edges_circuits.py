@@ -65,7 +65,18 @@ def test_induction_circuit(induction_model, tmp_path):
     assert curve.smallest(0.9) is not None and curve.smallest(0.9) <= graph.n_edges // 10
     assert curve.plot(tmp_path / "curve.png").stat().st_size > 0
     circuit = circuit_graph(graph, pruned, ig)
-    assert "logits@16" in circuit or any(n.startswith("logits") for n in circuit)
+    # the graph holds the two steps of induction: a layer-0 head into a layer-1 head's key, and a layer-1
+    # head into the logits; its edges' scores are the summed scores of the circuit's edges
+    kinds = {
+        (circuit.nodes[u]["layer"], circuit.nodes[v]["kind"], tuple(d["inputs"]))
+        for u, v, d in circuit.edges(data=True)
+    }
+    assert any(layer == 0 and any(i.startswith("k") for i in inputs) for layer, _, inputs in kinds)
+    assert any(layer == 1 and kind == "logits" for layer, kind, _ in kinds)
+    total = sum(d["score"] for _, _, d in circuit.edges(data=True))
+    assert abs(total - float(ig.scores[pruned].sum())) < 1e-4
+    with pytest.raises(ValueError, match="is a folder"):
+        plot_circuit(circuit, tmp_path)  # a folder as the PNG path: refused before anything is written
     assert (
         load_json(save_circuit(circuit, tmp_path / "c.json")).number_of_edges() == circuit.number_of_edges()
     )

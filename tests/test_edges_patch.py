@@ -5,36 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from edge_task import EDGE_MODELS, pair, pick
+from edge_task import metric as _metric
 
 from minterp_tl import patching
 from minterp_tl.edges import EdgeGraph, Node
 from minterp_tl.edges.patch import edge_patch
 
-SUPPORTED = ["gpt2", "gpt_neox", "gptj", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3"]
-SUPPORTED += ["olmo", "bloom"]
 
-
-def _pair(model, batch=2, n=5):
-    torch.manual_seed(1)
-    clean = torch.randint(0, model.cfg.d_vocab, (batch, n))
-    corrupted = clean.clone()
-    corrupted[:, 1] = (corrupted[:, 1] + 7) % model.cfg.d_vocab
-    return clean, corrupted
-
-
-def _metric(logits):
-    return (logits[:, -1, 3] - logits[:, -1, 5]).mean()
-
-
-@pytest.mark.parametrize("family", SUPPORTED + ["toy:ln", "toy:gqa", "toy:attn_only", "induction"])
+@pytest.mark.parametrize("family", EDGE_MODELS)
 def test_identities(hf_model, toys, induction_model, family):
     """No edge patched is the run itself; every edge (or every edge into the logits) patched is the other
     run. Native toys have no per-head forks: their virtual forks are exercised here."""
-    model = (
-        toys[family[4:]] if family.startswith("toy:") else induction_model if family == "induction" else None
-    )
-    model = model if model is not None else hf_model(family)
-    clean, corrupted = _pair(model)
+    model = pick(family, hf_model, toys, induction_model)
+    clean, corrupted = pair(model)
     graph = EdgeGraph(model, 5)
     into_logits = [i for i in range(graph.n_edges) if graph.edge(i)[1].kind == "logits"]
     every = torch.ones(graph.n_edges, dtype=torch.bool)
@@ -53,7 +37,7 @@ def test_single_edges_equal_direct_path(hf_model, family):
     """One head -> head edge at every position, denoised: TransformerLens's direct-path value (our drop-in
     equals TransformerLens's, tests/test_direct_path.py); on GQA also per key/value head."""
     model = hf_model(family)
-    clean, corrupted = _pair(model)
+    clean, corrupted = pair(model)
     _, clean_cache = model.run_with_cache(clean)
     _, corrupted_cache = model.run_with_cache(corrupted)
     graph = EdgeGraph(model, 5, per_position=False)
@@ -71,7 +55,7 @@ def test_mean_ablation(hf_model):
     """The mean over one prompt is that prompt's writes: mean ablation over the corrupted prompt equals
     patching in the corrupted run's writes."""
     model = hf_model("llama")
-    clean, corrupted = _pair(model, batch=1)
+    clean, corrupted = pair(model, batch=1)
     graph = EdgeGraph(model, 5)
     torch.manual_seed(0)
     sets = [torch.rand(graph.n_edges) < share for share in (0.05, 0.3, 0.9)]
@@ -96,7 +80,7 @@ def test_bad_input_before_compute(hf_model, monkeypatch):
 
     monkeypatch.setattr(patch_module, "_run_sets", no_compute)
     model = hf_model("gpt2")
-    clean, corrupted = _pair(model)
+    clean, corrupted = pair(model)
     graph = EdgeGraph(model, 5)
     with pytest.raises(ValueError, match="same number of prompts of the same length"):
         edge_patch(model, clean, corrupted[:1], [[0]], _metric)
@@ -121,7 +105,7 @@ def test_virtual_fork_equals_hand_written_hooks(induction_model):
     key, denoised at every position, is the corrupted run with hook_k[:, :, 2] moved by
     (z_clean - z_corrupted)[:, :, 1] @ W_O[1] @ W_K[2]."""
     model = induction_model
-    clean, corrupted = _pair(model, n=9)
+    clean, corrupted = pair(model, n=9)
     _, clean_cache = model.run_with_cache(clean)
     _, corrupted_cache = model.run_with_cache(corrupted)
     a0, a1 = model.blocks[0].attn, model.blocks[1].attn

@@ -5,32 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from edge_task import EDGE_MODELS, pair, pick
+from edge_task import metric as _metric
 from transformer_lens.tools.analysis import attribution_patching as tl_ap
 
 from minterp_tl.attribution import compare
 from minterp_tl.edges import Node, edge_attribution
 from minterp_tl.edges.patch import edge_patch
 
-SUPPORTED = ["gpt2", "gpt_neox", "gptj", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3"]
-SUPPORTED += ["olmo", "bloom"]
-
-
-def _pair(model, batch=2, n=5):
-    torch.manual_seed(1)
-    clean = torch.randint(0, model.cfg.d_vocab, (batch, n))
-    corrupted = clean.clone()
-    corrupted[:, 1] = (corrupted[:, 1] + 7) % model.cfg.d_vocab
-    return clean, corrupted
-
-
-def _metric(logits):
-    return (logits[:, -1, 3] - logits[:, -1, 5]).mean()
-
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "olmo"])
 def test_eap_equals_transformer_lens(hf_model, family):
     model = hf_model(family)
-    clean, corrupted = _pair(model)
+    clean, corrupted = pair(model)
     ours = edge_attribution(model, clean, corrupted, _metric).to_dict()
     theirs = tl_ap.attribution_patch(
         model, clean, corrupted, _metric, tl_ap.EdgeAttributionConfig(granularity="edge")
@@ -46,16 +33,13 @@ def test_eap_equals_transformer_lens(hf_model, family):
     assert max(abs(v) for v in theirs.values()) > 1e-4  # the pair moves the metric
 
 
-@pytest.mark.parametrize("family", SUPPORTED + ["toy:ln", "toy:gqa", "toy:attn_only", "induction"])
+@pytest.mark.parametrize("family", EDGE_MODELS)
 def test_every_family(hf_model, toys, induction_model, family):
     """Completeness: the embedding moves the metric only through the readers' inputs, so the EAP-IG scores
     of the edges out of the embeddings tend to metric(clean) - metric(corrupted) as the steps grow; and
     single-edge EAP scores track exact denoising edge patching (the scores' own linearisation)."""
-    model = (
-        toys[family[4:]] if family.startswith("toy:") else induction_model if family == "induction" else None
-    )
-    model = model if model is not None else hf_model(family)
-    clean, corrupted = _pair(model)
+    model = pick(family, hf_model, toys, induction_model)
+    clean, corrupted = pair(model)
     sums = []
     for steps in (20, 40):
         ig = edge_attribution(model, clean, corrupted, _metric, ig_steps=steps)
@@ -75,7 +59,7 @@ def test_every_family(hf_model, toys, induction_model, family):
 
 
 def test_gqa_key_value_readers_per_key_value_head(hf_model):
-    scores = edge_attribution(hf_model("llama"), *_pair(hf_model("llama")), _metric)
+    scores = edge_attribution(hf_model("llama"), *pair(hf_model("llama")), _metric)
     kv = {r.head for _, r in scores.graph.edges() if r.kind in ("k_input", "v_input")}
     assert kv == {0, 1}
 
@@ -88,7 +72,7 @@ def test_refusals_and_bad_input(hf_model, monkeypatch):
 
     monkeypatch.setattr(scores_module, "_input_grads", no_compute)
     model = hf_model("gpt2")
-    clean, corrupted = _pair(model)
+    clean, corrupted = pair(model)
     with pytest.raises(ValueError, match="same number of prompts of the same length"):
         edge_attribution(model, clean, corrupted[:, :4], _metric)
     with pytest.raises(ValueError, match="ig_steps must be"):
@@ -96,7 +80,7 @@ def test_refusals_and_bad_input(hf_model, monkeypatch):
     with pytest.raises(ValueError, match="metric must be callable"):
         edge_attribution(model, clean, corrupted, "logit diff")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="post-norm"):
-        edge_attribution(hf_model("gemma2"), *_pair(hf_model("gemma2")), _metric)
+        edge_attribution(hf_model("gemma2"), *pair(hf_model("gemma2")), _metric)
     model.train()
     try:
         with pytest.raises(ValueError, match="eval mode"):

@@ -139,13 +139,14 @@ class Streams:
             if r.source is None:
                 continue
             x, y = acts[r.source], acts[r.hook]
-            if r.f is None:  # an MLP's input: which of the block's norms makes it
-                r = self._mlp_norm(r, x, y)
+            if r.f is None:  # an MLP's input: find which of the block's norms makes it
+                self._mlp_norm(r, x, y)
                 continue
             pred = r.f(x.unsqueeze(-2).expand(*x.shape[:-1], y.shape[-2], x.shape[-1]))
             self._same(r, pred, y)
 
-    def _mlp_norm(self, r: Reader, x: Tensor, y: Tensor) -> Reader:
+    def _mlp_norm(self, r: Reader, x: Tensor, y: Tensor) -> None:
+        """Replace ``r`` by the reader whose ``f`` is the block norm that maps ``x`` to ``y``."""
         block = self.model.blocks[r.group.layer]
         for name in ("ln2", "ln1"):
             ln = getattr(block, name, None)
@@ -155,9 +156,8 @@ class Streams:
             if pred.shape == y.shape and float((pred - y).abs().max()) <= _VERIFY * (
                 1 + float(y.abs().max())
             ):
-                fixed = Reader(r.group, r.hook, r.source, ln)
-                self.readers[self.readers.index(r)] = fixed
-                return fixed
+                self.readers[self.readers.index(r)] = Reader(r.group, r.hook, r.source, ln)
+                return
         raise NotImplementedError(
             f"block {r.group.layer}'s MLP input is not ln2 or ln1 of {r.source} on this bridge: edges into "
             "MLPs are not supported for this model"

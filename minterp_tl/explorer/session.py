@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from transformer_lens import ActivationCache
 
 from minterp_tl import patching
 from minterp_tl._checks import index, positive_int, text_tokens
@@ -242,11 +243,12 @@ class Explorer:
             )
         if corrupted_prompt in self._patches:
             return self._patches[corrupted_prompt]
-        clean = self.llm.tokens()[:1, :n].to(corrupted.device)
+        n_layers = self.llm.model_info().n_layers
+        # the clean run is the prompt's own run: its logits and residual stream, no second forward
+        clean_logits = self.llm.logits()[:1, :n]
+        resid = {f"blocks.{l}.hook_resid_pre": self.llm.residual_in(l)[:1, :n] for l in range(n_layers)}
+        clean_cache = ActivationCache(resid, self.model)
         with torch.no_grad():
-            clean_logits, clean_cache = self.model.run_with_cache(
-                clean, names_filter=lambda h: h.endswith("resid_pre")
-            )
             corrupted_logits = self.model(corrupted)
         answer, wrong = int(clean_logits[0, -1].argmax()), int(corrupted_logits[0, -1].argmax())
         if answer == wrong:
