@@ -136,23 +136,25 @@ def direct_path(
                 patches.append(Patch(name, _add_to_head, (dst_head,), delta, dst_layer))
                 cells.append((s, dst_layer, dst_head))
 
-    def store(i: int, logits: Tensor) -> None:
+    def evaluate(logits: Tensor) -> Tensor:
         value = torch.as_tensor(patching_metric(logits))
         if value.numel() != 1:
             raise ValueError(f"patching_metric must return a scalar, got shape {tuple(value.shape)}")
-        results[cells[i]] = value.detach().reshape(())
+        return value.detach().reshape(())
 
     with _split_qkv_input(model):
-        run_patched(
+        values = run_patched(
             model,
             corrupted_tokens,
             patches,
-            store,
+            evaluate,
             max_batch=max_batch,
             memory_budget=memory_budget,
             progress=verbose,
             last_only=reads_last_position_only(patching_metric),
         )
+    for cell, value in zip(cells, values):
+        results[cell] = value
     return results
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Union
 
+from minterp_tl import distributed
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -51,7 +53,10 @@ def atomic_write(path: Union[str, os.PathLike[str]], write: Callable[[IO[bytes]]
 def save_png(fig: Any, path: Union[str, os.PathLike[str]], dpi: int = 120) -> Path:
     """Save ``fig`` (a ``matplotlib.figure.Figure``) to ``path`` as a PNG, atomically. Figures made
     with ``Figure(...)`` need no pyplot, so plotting never changes the caller's matplotlib backend
-    (inline figures in notebooks keep working)."""
+    (inline figures in notebooks keep working). Under ``torchrun`` only rank 0 writes (every rank
+    returns the path)."""
+    if not distributed.world().main:
+        return Path(path)
     return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
 
 

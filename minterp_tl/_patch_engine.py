@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from minterp_tl import distributed
 from minterp_tl._checks import positive_int
 from minterp_tl.fast_path import TOLERANCE, CorruptedRun, FastPathStatus, assume, check, record
 from minterp_tl.hooks import hook_layout
@@ -63,6 +64,16 @@ def check_sizes(max_batch: Optional[int], memory_budget: Optional[int]) -> None:
         positive_int(max_batch, "max_batch")
     if memory_budget is not None:
         positive_int(memory_budget, "memory_budget")
+
+
+def agreed_budget(model: Any, memory_budget: Optional[int]) -> Optional[int]:
+    """``memory_budget``, or under ``torchrun`` (when it is ``None``) one budget all ranks agree on: a
+    quarter of the free memory, shared among the ranks on one device (:meth:`World.memory_budget`), so
+    every rank plans the same chunks and ranks on one host do not overcommit it."""
+    world = distributed.world()
+    if world.size == 1 or memory_budget is not None:
+        return memory_budget
+    return world.memory_budget(_free_memory, torch.device(model.cfg.device))
 
 
 def copies_per_forward(
@@ -324,19 +335,60 @@ def _run_chunk(
     return out
 
 
+def _chunk_cost(
+    starts: Sequence[tuple[int, int]], per_layer: bool, n_layers: int, n_pos: int, batch: int
+) -> float:
+    """The modelled cost, in sequence-forwards, of one chunk whose copies start at ``starts`` (``(layer,
+    position)``): the fixed cost of a forward plus each sequence's share of the (layer, position) plane
+    it computes (from its own block up with per-layer joins, else from the chunk's lowest)."""
+    p0 = min(p for _, p in starts)
+    l0 = min(l for l, _ in starts)
+    layers = sum(n_layers - (l if per_layer else l0) for l, _ in starts) / n_layers
+    return _FORWARD_OVERHEAD + batch * layers * (n_pos - p0) / n_pos
+
+
+def _plan(
+    model: Any,
+    todo: Sequence[int],
+    patches: Sequence[Patch],
+    first: dict[int, int],
+    status: FastPathStatus,
+    sizes: dict[str, Optional[int]],
+    batch: int,
+    n_pos: int,
+) -> tuple[list[list[int]], list[float]]:
+    """The chunks (lists of patch numbers) the patches ``todo`` run in under ``status``, and their
+    modelled costs."""
+    n_layers = model.cfg.n_layers
+    starts = [(patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo]
+    if status.per_layer:  # a copy's layers cost only from its own block up
+
+        @functools.cache
+        def capacity(q: int) -> int:
+            return copies_per_forward(model, batch, n_pos, positions=q, **sizes)
+
+        split = _position_chunks(starts, capacity, n_layers, n_pos, batch)
+    else:
+        per_forward = copies_per_forward(model, batch, n_pos, **sizes)
+        split = _tiles(starts, per_forward, n_layers, n_pos)
+    costs = [_chunk_cost([starts[j] for j in c], status.per_layer, n_layers, n_pos, batch) for c in split]
+    return [[todo[j] for j in chunk] for chunk in split], costs
+
+
 def run_patched(
     model: Any,
     corrupted_tokens: Int[Tensor, "batch pos"],
     patches: Sequence[Patch],
-    on_logits: Callable[[int, Tensor], None],
+    evaluate: Callable[[Tensor], Tensor],
     *,
     max_batch: Optional[int],
     memory_budget: Optional[int],
     progress: bool,
     last_only: bool = False,
     skip_noops: bool = True,
-) -> None:
-    """Run every patch, many per forward pass.
+) -> Float[Tensor, "n_patches ..."]:
+    """Run every patch, many per forward pass; ``evaluate(logits)`` of each patched run, stacked in the
+    order of ``patches``.
 
     With ``skip_noops``, a patch that leaves the corrupted activation bit-for-bit unchanged (clean and
     corrupted agree there -- e.g. every position before the first token where the prompts differ, by
@@ -351,42 +403,75 @@ def run_patched(
     one disagrees, :func:`minterp_tl.fast_path.check` decides what stays on (with a warning) and the
     chunk and the rest run again under that decision. The hooks see only positions ``p0..``; each setter
     still gets the full-length activation (the corrupted prefix is put in front), so any setter works
-    unchanged. ``on_logits(patch number, logits [batch, pos, d_vocab])`` gets full-length logits (the
-    prefix from the corrupted run) -- or, with ``last_only`` on the skipping path, only the last
-    position's ``[batch, 1, d_vocab]`` (for metrics that read nothing else).
+    unchanged. ``evaluate`` gets full-length logits ``[batch, pos, d_vocab]`` (the prefix from the
+    corrupted run) -- or, with ``last_only`` on the skipping path, only the last position's
+    ``[batch, 1, d_vocab]`` (for metrics that read nothing else) -- and returns a tensor of one shape.
+
+    Under ``torchrun`` (:mod:`minterp_tl.distributed`) rank 0 plans the chunks, each rank runs the share
+    the cost model deals it, and every rank returns all values (each chunk ran exactly as in one process).
     """
     b, n_pos = corrupted_tokens.shape
-    n_layers = model.cfg.n_layers
-    per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
+    world = distributed.world()
+    sizes = dict(max_batch=max_batch, memory_budget=agreed_budget(model, memory_budget))
+    unchanged: dict[int, Tensor] = {}  # patch number -> value, for patches that change nothing
+    first: dict[int, int] = {}
     corrupted = CorruptedRun(model, corrupted_tokens, {p.name for p in patches})
-    todo, first = [], {}
-    for i, patch in enumerate(patches):
-        change = _first_change(patch, corrupted)
-        if skip_noops and change is None:
-            on_logits(i, corrupted.logits)  # the patched run *is* the corrupted run
-        else:
-            todo.append(i)
-            first[i] = change or 0
-    if not todo:
-        record(model, FastPathStatus(False, False, False, "no patch needed a forward"), {}, warn=False)
-        return
-    status, checked = assume(model, corrupted), False
-    with tqdm(total=len(todo), desc="patching", unit="patch", disable=not progress) as bar:
-        while todo:
-            starts = [
-                (patches[i].layer if status.layers else 0, first[i] if status.positions else 0) for i in todo
-            ]
-            if status.per_layer:  # a copy's layers cost only from its own block up
+    status = FastPathStatus(False, False, False, "no patch needed a forward")
 
-                @functools.cache
-                def capacity(q: int) -> int:
-                    sizes = dict(max_batch=max_batch, memory_budget=memory_budget, positions=q)
-                    return copies_per_forward(model, b, n_pos, **sizes)
-
-                split = _position_chunks(starts, capacity, n_layers, n_pos, b)
+    def prepare() -> tuple[list[list[int]], list[float]]:
+        nonlocal status
+        todo, value = [], None
+        for i, patch in enumerate(patches):
+            change = _first_change(patch, corrupted)
+            if skip_noops and change is None:  # the patched run *is* the corrupted run
+                value = evaluate(corrupted.logits).detach() if value is None else value
+                unchanged[i] = value
             else:
-                split = _tiles(starts, per_forward, n_layers, n_pos)
-            chunks = [[todo[j] for j in chunk] for chunk in split]
+                todo.append(i)
+                first[i] = change or 0
+        if not todo:
+            record(model, status, {}, warn=False)
+            return [], []
+        status = assume(model, corrupted)
+        return _plan(model, todo, patches, first, status, sizes, b, n_pos)
+
+    chunks, costs = world.exchange(prepare)[0]  # rank 0's plan (the only one with one rank)
+    chunks = [chunks[k] for k in world.share(costs)]  # this rank's share, by modelled cost
+
+    def run_share() -> dict[int, Tensor]:
+        values: dict[int, Tensor] = {}
+        bar = progress and world.main
+        _run_chunks(model, corrupted, patches, chunks, first, status, sizes, evaluate, values, last_only, bar)
+        return values if world.size == 1 else {i: v.cpu() for i, v in values.items()}
+
+    values = dict(unchanged)
+    for part in world.exchange(run_share):
+        values.update(part)
+    if not values:
+        return torch.empty(0)
+    device = next(iter(values.values())).device if world.size == 1 else torch.device(model.cfg.device)
+    return torch.stack([values[i].to(device) for i in range(len(patches))])
+
+
+def _run_chunks(
+    model: Any,
+    corrupted: CorruptedRun,
+    patches: Sequence[Patch],
+    chunks: list[list[int]],
+    first: dict[int, int],
+    status: FastPathStatus,
+    sizes: dict[str, Optional[int]],
+    evaluate: Callable[[Tensor], Tensor],
+    values: dict[int, Tensor],
+    last_only: bool,
+    progress: bool,
+) -> None:
+    """Run ``chunks`` into ``values`` (patch number -> ``evaluate(logits)``); when a chunk's sentinels
+    disagree, check the fast path once (:func:`minterp_tl.fast_path.check`) and plan the rest again."""
+    b, n_pos = corrupted.tokens.shape
+    checked = False
+    with tqdm(total=sum(map(len, chunks)), desc="patching", unit="patch", disable=not progress) as bar:
+        while chunks:
             for k, chunk in enumerate(chunks):
                 results = _run_chunk(corrupted, patches, chunk, first, status, last_only and status.last_only)
                 if results is None:  # not exact here: decide again, run this chunk and the rest again
@@ -401,12 +486,13 @@ def run_patched(
                     else:
                         status, checked = check(model, corrupted), True
                     todo = [i for later in chunks[k:] for i in later]
+                    chunks = _plan(model, todo, patches, first, status, sizes, b, n_pos)[0]
                     break
                 for i, logits in results.items():
-                    on_logits(i, logits)
+                    values[i] = evaluate(logits).detach()
                 bar.update(len(chunk))
             else:
-                todo = []
+                chunks = []
 
 
-__all__ = ["Patch", "check_sizes", "copies_per_forward", "run_patched"]
+__all__ = ["Patch", "agreed_budget", "check_sizes", "copies_per_forward", "run_patched"]

@@ -46,6 +46,7 @@ Every bad input is a ``ValueError`` that names it and says what would be valid.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from minterp_tl import distributed
 from minterp_tl._checks import token_ids
 from minterp_tl.hooks import hook_layout, n_heads
 from minterp_tl.metrics import MetricFn
@@ -223,15 +225,22 @@ def attribution_patch(
             "(positions=None and heads=None leaves nothing)."
         )
 
+    world = distributed.world()
+    batch = int(corrupted_tokens.shape[0])
+    mine = world.rows(batch)  # this rank's prompts (all of them in one process)
     if isinstance(clean, (ActivationCache, Mapping)):
-        cache = clean
-        clean_acts = [_cache_lookup(model, cache, name) for name in names]
+        clean_acts = [_cache_lookup(model, clean, name) for name in names]
+        clean_acts = [a[mine] if a.ndim > 0 and a.shape[0] == batch else a for a in clean_acts]
     else:
         clean_tokens = _check_tokens(model, clean, "clean (tokens)")
-        wanted = set(names)
-        with torch.no_grad():
-            _, cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in wanted)
-        clean_acts = [_cache_lookup(model, cache, name) for name in names]
+        if clean_tokens.shape[0] == batch:
+            clean_tokens = clean_tokens[mine]
+        clean_acts = []
+        if mine.stop > mine.start:  # (a rank without prompts needs no clean run)
+            wanted = set(names)
+            with torch.no_grad():
+                _, cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in wanted)
+            clean_acts = [_cache_lookup(model, cache, name) for name in names]
 
     seen: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -250,30 +259,11 @@ def attribution_patch(
 
         return store
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, make_hook(name)) for name in names]):
-        logits = model(corrupted_tokens)
-        missing = [n for n in names if n not in seen]
-        if missing:
-            raise ValueError(
-                f"hook(s) {missing} did not run in the forward pass, so they cannot be attributed."
-            )
-        out = metric(logits)
-        if not isinstance(out, Tensor) or out.ndim != 0:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"metric must return a scalar tensor, got {shape}; average over the batch "
-                "(as patching.logit_diff_metric does with reduce='mean')."
-            )
-        if not out.requires_grad:
-            raise ValueError(
-                "metric's value does not depend on the logits through autograd (did it call "
-                ".item(), .detach() or torch.no_grad()?); attribution needs its gradient."
-            )
-        grads = torch.autograd.grad(out, [seen[n][1] for n in names], allow_unused=True)
-    corrupted_metric = float(out.detach())
+    keep = [a for a, idx in ((pos_axis, pos_idx), (head_axis, head_idx)) if idx is not None]
 
-    rows = []
-    for name, clean_act, grad in zip(names, clean_acts, grads):
+    def _summed(name: str, clean_act: Tensor, grad: Optional[Tensor]) -> Tensor:
+        """``(clean - corrupted) * grad`` at hook ``name``, summed over this rank's prompts and every axis
+        not swept, as ``[pos]``, ``[head]`` or ``[pos, head]`` (on the CPU)."""
         corrupted_act = seen[name][0]
         clean_act = clean_act.to(corrupted_act.device)
         if clean_act.shape != corrupted_act.shape and not (
@@ -289,19 +279,66 @@ def attribution_patch(
         if grad is None:  # the metric does not depend on this hook at all
             grad = torch.zeros_like(corrupted_act)
         product = (clean_act.float() - corrupted_act.float()) * grad.float()
-        keep = [a for a, idx in ((pos_axis, pos_idx), (head_axis, head_idx)) if idx is not None]
         summed = product.sum(dim=[a for a in range(product.ndim) if a not in keep])
         # pattern / attn_scores are [head, pos]: give [pos, head]
         if len(keep) == 2 and head_axis is not None and pos_axis is not None and head_axis < pos_axis:
             summed = summed.transpose(0, 1)
+        return summed.detach().cpu()
+
+    local_tokens = corrupted_tokens[mine]
+    local: Optional[Tensor] = None
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, make_hook(name)) for name in names]):
+
+        def forward() -> Optional[Tensor]:
+            """This rank's logits; what the other ranks need of them (detached, on the CPU)."""
+            nonlocal local
+            if local_tokens.shape[0] == 0:  # more ranks than prompts
+                return None
+            local = model(local_tokens)
+            missing = [n for n in names if n not in seen]
+            if missing:
+                raise ValueError(
+                    f"hook(s) {missing} did not run in the forward pass, so they cannot be attributed."
+                )
+            return local.detach().cpu() if world.size > 1 else None
+
+        parts = world.exchange(forward)
+        # the metric sees every rank's logits; its gradient flows into this rank's own
+        pieces = [local if r == world.rank else part for r, part in enumerate(parts)]
+        logits = torch.cat([p.to(model.cfg.device) for p in pieces if p is not None])
+
+        def attribute() -> tuple[float, Optional[list[Tensor]]]:
+            """The metric, and this rank's products summed over its prompts and the unswept axes."""
+            out = metric(logits)
+            if not isinstance(out, Tensor) or out.ndim != 0:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"metric must return a scalar tensor, got {shape}; average over the batch "
+                    "(as patching.logit_diff_metric does with reduce='mean')."
+                )
+            if local is None:
+                return float(out.detach()), None
+            if not out.requires_grad:
+                raise ValueError(
+                    "metric's value does not depend on the logits through autograd (did it call "
+                    ".item(), .detach() or torch.no_grad()?); attribution needs its gradient."
+                )
+            grads = torch.autograd.grad(out, [seen[n][1] for n in names], allow_unused=True)
+            return float(out.detach()), [_summed(*args) for args in zip(names, clean_acts, grads)]
+
+        shares = world.exchange(attribute)
+    corrupted_metric = shares[0][0]
+
+    rows = []
+    for k, name in enumerate(names):
+        summed = functools.reduce(torch.add, [share[1][k] for share in shares if share[1] is not None])
         if head_idx is not None and summed.shape[-1] <= max(head_idx):
             raise ValueError(f"{name} has {summed.shape[-1]} heads but heads selects {max(head_idx)}.")
         if pos_idx is not None:
             summed = summed[torch.as_tensor(pos_idx, device=summed.device)]
         if head_idx is not None:
             summed = summed[..., torch.as_tensor(head_idx, device=summed.device)]
-        rows.append(summed.detach().cpu())
-
+        rows.append(summed)
     axes = (
         ("layer",) + (("pos",) if pos_idx is not None else ()) + (("head",) if head_idx is not None else ())
     )

@@ -26,12 +26,14 @@ checks of their input are in :mod:`minterp_tl._cli_commands`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, Optional
 
 # the constants the commands share with the parser are defined next to the commands (no import cycle)
+from minterp_tl import distributed
 from minterp_tl._cli_commands import (
     CIRCUIT_EPOCHS,
     CIRCUIT_EVAL_SEQUENCES,
@@ -337,10 +339,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "serve": cmd_serve,
         "circuit": cmd_circuit,
     }
-    try:
-        return commands[args.command](args)
-    except BadInput as err:
-        return fail(str(err))
+    if distributed.world().main:
+        try:
+            return commands[args.command](args)
+        except BadInput as err:
+            return fail(str(err))
+    # under torchrun, the other ranks take their share of the sweep and print nothing (rank 0 prints
+    # the same lines, and names a rank that failed)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        try:
+            return commands[args.command](args)
+        except BadInput:
+            return 2
 
 
 def run() -> NoReturn:

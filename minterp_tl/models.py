@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from transformer_lens.config import TransformerBridgeConfig
@@ -240,6 +240,9 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    device_map: Optional[Union[str, dict[str, Union[str, int]]]] = None,
+    max_memory: Optional[dict[Union[str, int], Union[str, int]]] = None,
+    offload_folder: Optional[str] = None,
 ) -> TransformerBridge:
     """Load a pretrained model as a ``TransformerBridge`` (once per process; later calls are cached).
 
@@ -254,6 +257,14 @@ def load_model(
         device: Torch device for the weights.
         dtype: Weight dtype (SmolLM2 is de-quantised from Q4_1 to this dtype).
         progress: Show the loaders' progress bars.
+        device_map: For a model larger than one device (not SmolLM2): spread it over several, as the
+            bridge's multi-device loading does (``"auto"``, ``"balanced"`` or a ``{module: device}``
+            dict, placed by Hugging Face accelerate); replaces ``device``. Under ``torchrun``, give each
+            rank its own group of GPUs: ``max_memory={g: "70GiB" for g in
+            distributed.replica_gpus(k)}`` with ``device_map="balanced"``.
+        max_memory: Per-device memory limits for ``device_map`` (``{gpu index or "cpu": bytes or
+            "70GiB"}``); devices not named get nothing.
+        offload_folder: Where ``device_map`` may put ``"disk"``-offloaded weights.
 
     Returns:
         The model in eval mode, with its tokenizer. The same object is returned for the same
@@ -268,7 +279,15 @@ def load_model(
             f"load_model: model name must be a non-empty string, got {name_or_path!r}; "
             f"use {DEFAULT_MODEL!r} or a local Hugging Face model directory"
         )
-    key = (name_or_path, str(device), dtype)
+    spread = device_map is not None or max_memory is not None or offload_folder is not None
+    if spread and device_map is None:
+        raise ValueError("load_model: max_memory and offload_folder need a device_map (e.g. 'balanced')")
+    if spread and name_or_path.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
+        raise ValueError(
+            f"load_model: device_map is for models larger than one device; {DEFAULT_MODEL!r} loads on one "
+            "(give device=...)"
+        )
+    key = (name_or_path, str(device), dtype, repr(device_map), repr(max_memory), offload_folder)
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     start = time.perf_counter()
@@ -278,7 +297,16 @@ def load_model(
     else:
         try:
             with _quiet_transformers(progress, gguf=False):
-                model = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
+                if spread:
+                    model = TransformerBridge.boot_transformers(
+                        name_or_path,
+                        dtype=dtype,
+                        device_map=device_map,
+                        max_memory=max_memory,
+                        offload_folder=offload_folder,
+                    )
+                else:
+                    model = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
         except Exception as err:  # noqa: BLE001 - re-raised with the name and what would work
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(

@@ -213,24 +213,22 @@ def generic_activation_patch(
             )
         patches.append(Patch(name, patch_setter, index, clean_cache[name], index[0]))
 
-    def store_values(i: int, logits: Tensor) -> None:
-        values = evaluate(logits)
-        if flattened:
-            store[:, i] = values
-        else:
-            store[(slice(None), *indices[i])] = values  # type: ignore[index]
-
-    run_patched(
+    results = run_patched(
         model,
         corrupted_tokens,
         patches,
-        store_values,
+        evaluate,
         max_batch=max_batch,
         memory_budget=memory_budget,
         progress=progress,
         skip_noops=skip_unchanged,
         last_only=all(reads_last_position_only(fn) for fn in metrics.values()),
-    )
+    ).to(store.device)
+    for i, values in enumerate(results):
+        if flattened:
+            store[:, i] = values
+        else:
+            store[(slice(None), *indices[i])] = values  # type: ignore[index]
 
     if reduce == "mean":
         store = store.mean(dim=-1)

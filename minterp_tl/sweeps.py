@@ -148,25 +148,24 @@ def activation_patch(
         patches.append(
             Patch(name, _patch_setter(name, index, clean_cache[name]), index, clean_cache[name], index[0])
         )
-    values = torch.zeros(len(grid))
 
-    def on_logits(i: int, logits: Tensor) -> None:
+    def evaluate(logits: Tensor) -> Tensor:
         out = torch.as_tensor(metric(logits))
         if out.ndim != 0:
             raise ValueError(f"metric must return a scalar, got shape {tuple(out.shape)}")
-        values[i] = float(out)
+        return torch.tensor(float(out))
 
-    run_patched(
+    values = run_patched(
         model,
         corrupted_tokens,
         patches,
-        on_logits,
+        evaluate,
         max_batch=max_batch,
         memory_budget=memory_budget,
         progress=progress,
         skip_noops=skip_unchanged,
         last_only=reads_last_position_only(metric),
-    )
+    ).cpu()
     shape = (
         [len(layer_idx)]
         + ([len(pos_idx)] if pos_idx is not None else [])

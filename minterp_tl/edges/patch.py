@@ -19,8 +19,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from minterp_tl import distributed
 from minterp_tl._checks import token_ids
-from minterp_tl._patch_engine import check_sizes, copies_per_forward
+from minterp_tl._patch_engine import agreed_budget, check_sizes, copies_per_forward
 from minterp_tl.edges._streams import Reader, Streams, open_streams, refuse_unsupported, switches
 from minterp_tl.edges.graph import EdgeGraph, graph_for
 from minterp_tl.edges.scores import check_pair, scalar
@@ -188,6 +189,7 @@ def edge_patch(
     masks = [graph.mask(s) for s in edge_sets]  # every set checked before any compute
     base, source = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     out = torch.empty(len(masks))
+    world = distributed.world()
     with switches(model):
         if ablation == "mean":  # the readers are chosen and verified on the run the writes come from
             streams, _, acts = open_streams(model, graph, corrupted if mean_tokens is None else mean_tokens)
@@ -195,14 +197,27 @@ def edge_patch(
         else:
             streams, _, acts = open_streams(model, graph, source)
             other = streams.writes(acts)
-        per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=memory_budget)
-        with tqdm(total=len(masks), desc="edge patching", unit="set", disable=not progress) as bar:
-            for first in range(0, len(masks), per_forward):
-                chunk = torch.stack(masks[first : first + per_forward])
-                logits = _run_sets(streams, base, chunk, other)
-                for c in range(chunk.shape[0]):
-                    out[first + c] = float(scalar(metric, logits[c * b : (c + 1) * b]))
-                bar.update(chunk.shape[0])
+        budget = agreed_budget(model, memory_budget)
+        per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=budget)
+        firsts = range(0, len(masks), per_forward)
+        mine = [firsts[k] for k in world.share([len(masks[f : f + per_forward]) for f in firsts])]
+
+        def run_share() -> dict[int, float]:
+            values = {}
+            total = sum(len(masks[f : f + per_forward]) for f in mine)
+            shown = progress and world.main
+            with tqdm(total=total, desc="edge patching", unit="set", disable=not shown) as bar:
+                for first in mine:
+                    chunk = torch.stack(masks[first : first + per_forward])
+                    logits = _run_sets(streams, base, chunk, other)
+                    for c in range(chunk.shape[0]):
+                        values[first + c] = float(scalar(metric, logits[c * b : (c + 1) * b]))
+                    bar.update(chunk.shape[0])
+            return values
+
+        for part in world.exchange(run_share):
+            for i, value in part.items():
+                out[i] = value
     return out
 
 

@@ -14,6 +14,7 @@ share one forward and one backward pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -23,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from minterp_tl import distributed
 from minterp_tl._checks import positive_int, token_ids
 from minterp_tl._patch_engine import check_sizes, copies_per_forward
 from minterp_tl.edges._streams import Streams, open_streams, record, refuse_unsupported, switches
@@ -185,29 +187,42 @@ def edge_attribution(
     refuse_unsupported(model)
     b, n_pos = clean.shape
     graph = graph_for(model, n_pos, graph, per_position)
-    with switches(model):
-        streams, clean_logits, clean_acts = open_streams(model, graph, clean)
-        corrupted_logits, corrupted_acts = record(model, corrupted, streams.writer_names(graph))
+    world = distributed.world()
+    mine = world.rows(steps)  # this rank's integration steps (all of them in one process)
+
+    def integrate() -> tuple[tuple[float, float], Optional[Tensor]]:
+        """The clean and corrupted metrics, and the scores of this rank's steps (``None``: no step)."""
+        with switches(model):
+            streams, clean_logits, clean_acts = open_streams(model, graph, clean)
+            corrupted_logits, corrupted_acts = record(model, corrupted, streams.writer_names(graph))
+            with torch.no_grad():
+                clean_writes = streams.writes(clean_acts)
+                delta = clean_writes - streams.writes(corrupted_acts)
+                metrics = float(scalar(metric, clean_logits)), float(scalar(metric, corrupted_logits))
+            start = corrupted_acts["blocks.0.hook_resid_pre"]
+            embed_delta = clean_acts["blocks.0.hook_resid_pre"] - start
+            per_pass = max(1, copies_per_forward(model, b, n_pos, max_batch=max_batch) // 3)  # backward: ~3x
+            grads: Optional[list[Tensor]] = None
+            shown = progress and world.main
+            desc = "EAP-IG" if steps > 1 else "EAP"
+            with tqdm(total=mine.stop - mine.start, desc=desc, disable=not shown) as bar:
+                for first in range(mine.start, mine.stop, per_pass):
+                    alphas = [k / steps for k in range(first, min(mine.stop, first + per_pass))]
+                    part = _input_grads(streams, corrupted, start, embed_delta, alphas, metric)
+                    grads = part if grads is None else [g + p for g, p in zip(grads, part)]
+                    bar.update(len(alphas))
+        if grads is None:  # more ranks than steps
+            return metrics, None
+        scores = torch.zeros(n_pos if graph.per_position else 1, graph.per_slot, dtype=delta.dtype)
         with torch.no_grad():
-            clean_writes = streams.writes(clean_acts)
-            delta = clean_writes - streams.writes(corrupted_acts)
-            metrics = float(scalar(metric, clean_logits)), float(scalar(metric, corrupted_logits))
-        start = corrupted_acts["blocks.0.hook_resid_pre"]
-        embed_delta = clean_acts["blocks.0.hook_resid_pre"] - start
-        per_pass = max(1, copies_per_forward(model, b, n_pos, max_batch=max_batch) // 3)  # backward: ~3x
-        grads: Optional[list[Tensor]] = None
-        with tqdm(total=steps, desc="EAP-IG" if steps > 1 else "EAP", disable=not progress) as bar:
-            for first in range(0, steps, per_pass):
-                alphas = [k / steps for k in range(first, min(steps, first + per_pass))]
-                part = _input_grads(streams, corrupted, start, embed_delta, alphas, metric)
-                grads = part if grads is None else [g + p for g, p in zip(grads, part)]
-                bar.update(len(alphas))
-    assert grads is not None
-    scores = torch.zeros(n_pos if graph.per_position else 1, graph.per_slot, dtype=delta.dtype)
-    with torch.no_grad():
-        for g, grad in zip(graph.groups, grads):
-            s = torch.einsum("bpgd,bpad->pga", grad / steps, delta[:, :, : g.avail]).reshape(n_pos, -1)
-            scores[:, graph.group_slice(g)] = s.cpu() if graph.per_position else s.sum(0, keepdim=True).cpu()
+            for g, grad in zip(graph.groups, grads):
+                s = torch.einsum("bpgd,bpad->pga", grad / steps, delta[:, :, : g.avail]).reshape(n_pos, -1)
+                scores[:, graph.group_slice(g)] = (s if graph.per_position else s.sum(0, keepdim=True)).cpu()
+        return metrics, scores
+
+    parts = world.exchange(integrate)
+    metrics = parts[0][0]
+    scores = functools.reduce(torch.add, [p[1] for p in parts if p[1] is not None])
     return EdgeScores(graph, scores.reshape(-1), "EAP-IG" if steps > 1 else "EAP", steps, *metrics)
 
 
