@@ -347,6 +347,12 @@ def _chunk_cost(
     return _FORWARD_OVERHEAD + batch * layers * (n_pos - p0) / n_pos
 
 
+_CHUNKS_PER_RANK = 2
+"""Under ``torchrun``, a plan with fewer chunks than this many per rank is cut finer (at most
+``ceil(patches / (2 * ranks))`` copies per forward) so the cost model can balance the ranks; a larger plan is
+kept as one process would run it, chunk for chunk."""
+
+
 def _plan(
     model: Any,
     todo: Sequence[int],
@@ -433,7 +439,12 @@ def run_patched(
             record(model, status, {}, warn=False)
             return [], []
         status = assume(model, corrupted)
-        return _plan(model, todo, patches, first, status, sizes, b, n_pos)
+        chunks, costs = _plan(model, todo, patches, first, status, sizes, b, n_pos)
+        if 1 < world.size and len(chunks) < _CHUNKS_PER_RANK * world.size:  # too few to share: cut finer
+            cap = -(-len(todo) // (_CHUNKS_PER_RANK * world.size))
+            sizes["max_batch"] = min(cap * b, max_batch or cap * b)
+            chunks, costs = _plan(model, todo, patches, first, status, sizes, b, n_pos)
+        return chunks, costs
 
     chunks, costs = world.exchange(prepare)[0]  # rank 0's plan (the only one with one rank)
     chunks = [chunks[k] for k in world.share(costs)]  # this rank's share, by modelled cost

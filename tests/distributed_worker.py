@@ -72,9 +72,9 @@ def sweeps(model: Any, clean: torch.Tensor, corrupted: torch.Tensor, metric: Any
         sets = [[0], [1, 2], [3], list(range(0, 40, 3)), [5, 9], [], list(range(20))]
         out["edge_patch"] = edge_patch(model, clean, corrupted, sets, metric, max_batch=4)
     else:
-        out["resid_pre"] = activation_patch(
-            model, corrupted, cache, metric, layers="-6:", progress=False
-        ).values
+        # 4 copies per forward: enough chunks to share as they are (the head sweep's are cut finer)
+        sweep = activation_patch(model, corrupted, cache, metric, layers="-6:", progress=False, max_batch=8)
+        out["resid_pre"] = sweep.values
         out["heads"] = activation_patch(
             model, corrupted, cache, metric, "z", layers="-6:", positions=None, heads="all", progress=False
         ).values

@@ -199,6 +199,8 @@ def edge_patch(
             other = streams.writes(acts)
         budget = agreed_budget(model, memory_budget)
         per_forward = copies_per_forward(model, b, n_pos, max_batch=max_batch, memory_budget=budget)
+        if 1 < world.size and len(masks) < 2 * world.size * per_forward:  # cut finer, to share
+            per_forward = max(1, -(-len(masks) // (2 * world.size)))
         firsts = range(0, len(masks), per_forward)
         mine = [firsts[k] for k in world.share([len(masks[f : f + per_forward]) for f in firsts])]
 
