@@ -413,19 +413,21 @@ def run_patched(
     corrupted run) -- or, with ``last_only`` on the skipping path, only the last position's
     ``[batch, 1, d_vocab]`` (for metrics that read nothing else) -- and returns a tensor of one shape.
 
-    Under ``torchrun`` (:mod:`minterp_tl.distributed`) rank 0 plans the chunks, each rank runs the share
-    the cost model deals it, and every rank returns all values (each chunk ran exactly as in one process).
+    Under ``torchrun`` (:mod:`minterp_tl.distributed`) rank 0 plans the chunks (cut finer when there are
+    fewer than two per rank), each rank runs the share the cost model deals it, and every rank returns
+    all values.
     """
     b, n_pos = corrupted_tokens.shape
     world = distributed.world()
     sizes = dict(max_batch=max_batch, memory_budget=agreed_budget(model, memory_budget))
     unchanged: dict[int, Tensor] = {}  # patch number -> value, for patches that change nothing
     first: dict[int, int] = {}
-    corrupted = CorruptedRun(model, corrupted_tokens, {p.name for p in patches})
+    corrupted: Optional[CorruptedRun] = None
     status = FastPathStatus(False, False, False, "no patch needed a forward")
 
     def prepare() -> tuple[list[list[int]], list[float]]:
-        nonlocal status
+        nonlocal corrupted, status
+        corrupted = CorruptedRun(model, corrupted_tokens, {p.name for p in patches})
         todo, value = [], None
         for i, patch in enumerate(patches):
             change = _first_change(patch, corrupted)
@@ -450,6 +452,7 @@ def run_patched(
     chunks = [chunks[k] for k in world.share(costs)]  # this rank's share, by modelled cost
 
     def run_share() -> dict[int, Tensor]:
+        assert corrupted is not None  # made by prepare()
         values: dict[int, Tensor] = {}
         bar = progress and world.main
         _run_chunks(model, corrupted, patches, chunks, first, status, sizes, evaluate, values, last_only, bar)

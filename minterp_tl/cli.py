@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from typing import NoReturn, Optional
 
 # the constants the commands share with the parser are defined next to the commands (no import cycle)
-from minterp_tl import distributed
 from minterp_tl._cli_commands import (
     CIRCUIT_EPOCHS,
     CIRCUIT_EVAL_SEQUENCES,
@@ -339,6 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "serve": cmd_serve,
         "circuit": cmd_circuit,
     }
+    from minterp_tl import distributed  # after parsing: --help imports no torch
+
     if distributed.world().main:
         try:
             return commands[args.command](args)

@@ -24,8 +24,11 @@ or :func:`init`'s ``timeout``), never hang.
 from __future__ import annotations
 
 import heapq
+import json
+import math
 import os
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,13 +71,12 @@ class World:
             return [local()]
         error: Optional[BaseException] = None
         try:
-            payload: tuple[str, Any] = ("ok", local())
+            data = _encode(("ok", local()))
         except Exception as err:  # noqa: BLE001 - re-raised below, after the others have heard of it
-            error, payload = err, ("error", f"{type(err).__name__}: {err}")
-        parts: list[Any] = [None] * self.size
+            error, data = err, _encode(("error", f"{type(err).__name__}: {err}"))
         try:
-            dist.all_gather_object(parts, payload, group=self.group)
-        except Exception as err:  # noqa: BLE001 - gloo's timeout or a closed connection
+            received = self._all_gather_bytes(data)
+        except RuntimeError as err:  # gloo's timeout, or a closed connection
             if error is not None:
                 raise error from None
             raise RankFailed(
@@ -83,11 +85,27 @@ class World:
             ) from None
         if error is not None:
             raise error
+        parts = [_decode(raw, rank) for rank, raw in enumerate(received)]
+        for rank, part in enumerate(parts):
+            if not (isinstance(part, tuple) and len(part) == 2 and part[0] in ("ok", "error")):
+                raise RankFailed(f"a malformed message from rank {rank}")
         failed = [(r, part[1]) for r, part in enumerate(parts) if part[0] == "error"]
         if failed:
             rank, message = failed[0]
             raise RankFailed(f"rank {rank} of {self.size} failed: {message}")
         return [part[1] for part in parts]
+
+    def _all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order: two ``all_gather`` calls of byte tensors (lengths, then
+        the padded bytes) over the gloo group."""
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
+        width = max(int(n) for n in sizes)
+        mine = torch.zeros(width, dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        parts = [torch.empty(width, dtype=torch.uint8) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.group)
+        return [part[: int(n)].numpy().tobytes() for part, n in zip(parts, sizes)]
 
     def share(self, costs: Sequence[float]) -> list[int]:
         """The items (indices into ``costs``) this rank runs: the longest first, each to the rank with
@@ -117,6 +135,74 @@ class World:
             return None
         where = self.exchange(lambda: (socket.gethostname(), str(device), free(device)))
         return min(f // 4 // sum(1 for h, d, _ in where if (h, d) == (host, dev)) for host, dev, f in where)
+
+
+# --------------------------------------------------------------------------------------------------
+# What travels between ranks: JSON and raw tensor bytes, never pickle (nothing received can run code)
+# --------------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
+} | {"bool": torch.bool}
+
+
+def _encode(obj: Any) -> bytes:
+    """``obj`` (``None``, bools, numbers, strings, tensors, and lists, tuples and dicts of them) as bytes:
+    an 8-byte header length, a JSON header, then each tensor's raw bytes."""
+    tensors: list[torch.Tensor] = []
+
+    def walk(x: Any) -> Any:
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            if str(t.dtype).removeprefix("torch.") not in _DTYPES:
+                raise TypeError(f"cannot send a {t.dtype} tensor between ranks")
+            tensors.append(t)
+            return {"t": [str(t.dtype).removeprefix("torch."), list(t.shape)]}
+        if isinstance(x, (list, tuple)):
+            return {"l" if isinstance(x, list) else "u": [walk(v) for v in x]}
+        if isinstance(x, dict):
+            return {"d": [[walk(k), walk(v)] for k, v in x.items()]}
+        raise TypeError(f"cannot send a {type(x).__name__} between ranks")
+
+    header = json.dumps(walk(obj)).encode()
+    body = b"".join(t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
+    return struct.pack("<Q", len(header)) + header + body
+
+
+def _decode(data: bytes, rank: int) -> Any:
+    """The object :func:`_encode` made on ``rank``; a malformed message is a :class:`RankFailed`."""
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        tree = json.loads(data[8 : 8 + length])
+        offset = 8 + length
+
+        def build(x: Any) -> Any:
+            nonlocal offset
+            if not isinstance(x, dict):
+                return x
+            (kind, value), *rest = x.items()
+            if rest or kind not in ("t", "l", "u", "d"):
+                raise ValueError(f"unknown entry {x!r}")
+            if kind == "t":
+                dtype, shape = _DTYPES[value[0]], [int(n) for n in value[1]]
+                size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                raw = bytearray(data[offset : offset + size])
+                if len(raw) != size:
+                    raise ValueError("truncated tensor")
+                offset += size
+                flat = torch.frombuffer(raw, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+                return flat.view(dtype).reshape(shape)
+            if kind == "d":
+                return {build(k): build(v) for k, v in value}
+            items = [build(v) for v in value]
+            return items if kind == "l" else tuple(items)
+
+        return build(tree)
+    except (ValueError, KeyError, TypeError, IndexError, struct.error) as err:
+        raise RankFailed(f"a malformed message from rank {rank}: {err}") from None
 
 
 _WORLD: Optional[World] = None

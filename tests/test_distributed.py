@@ -3,6 +3,7 @@ fail together (never hang) when a rank fails."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from distributed_worker import SPREAD, smollm2_inputs, sweeps, toy_inputs
 from minterp_tl import distributed, load_model
 from minterp_tl._patch_engine import agreed_budget
 from minterp_tl.cli import main
-from minterp_tl.distributed import RankFailed, World, replica_gpus
+from minterp_tl.distributed import RankFailed, World, _decode, _encode, replica_gpus
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -142,7 +143,8 @@ def test_one_process_touches_no_collective(toys, monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a collective ran in a single process")
 
-    monkeypatch.setattr(dist, "all_gather_object", refuse)
+    monkeypatch.setattr(dist, "all_gather", refuse)
+    monkeypatch.setattr(dist, "init_process_group", refuse)
     model = toys["ln"]
     clean, corrupted, metric = toy_inputs(model)
     assert distributed.world() == World() and not dist.is_initialized()
@@ -172,14 +174,32 @@ def test_memory_budget_is_shared_by_the_ranks_on_one_device(monkeypatch) -> None
 
 
 def test_exchange_reports_another_ranks_error(monkeypatch) -> None:
-    def gather(parts, payload, group=None):
-        parts[0], parts[1] = payload, ("error", "ValueError: bad prompt")
+    def gather(self, data):  # rank 1 failed; this rank's own message in its place
+        other = _encode(("error", "ValueError: bad prompt"))
+        return [data, other] if self.rank == 0 else [other, data]
 
-    monkeypatch.setattr(dist, "all_gather_object", gather)
+    monkeypatch.setattr(World, "_all_gather_bytes", gather)
     with pytest.raises(RankFailed, match="rank 1 of 2 failed: ValueError: bad prompt"):
         World(0, 2).exchange(lambda: 1)
     with pytest.raises(KeyError, match="own"):  # the failing rank raises its own error
         World(1, 2).exchange(lambda: {}["own"])
+    monkeypatch.setattr(World, "_all_gather_bytes", lambda self, data: [data, data[:-1]])
+    with pytest.raises(RankFailed, match="a malformed message from rank 1"):
+        World(0, 2).exchange(lambda: ("ok", 1))
+
+
+def test_messages_carry_json_and_tensors_only() -> None:
+    obj = {3: torch.tensor([1.5, float("nan")]), "a": [1, 0.1 + 0.2, None, True, "x", (torch.zeros(0, 3),)]}
+    out = _decode(_encode(obj), 0)
+    assert list(out) == [3, "a"] and torch.equal(out[3][:1], obj[3][:1]) and out[3][1].isnan()
+    assert out["a"][:5] == [1, 0.1 + 0.2, None, True, "x"] and out["a"][5][0].shape == (0, 3)
+    bf = torch.randn(2, 3).to(torch.bfloat16)
+    assert torch.equal(_decode(_encode(bf), 0), bf)
+    with pytest.raises(TypeError, match="cannot send a object"):
+        _encode(object())  # nothing that would need pickle
+    header = json.dumps({"t": ["Tensor", [1]]}).encode()
+    with pytest.raises(RankFailed, match="malformed message from rank 2"):
+        _decode(len(header).to_bytes(8, "little") + header, 2)  # a dtype name is never looked up
 
 
 def test_bad_settings_are_refused(monkeypatch) -> None:
