@@ -110,7 +110,13 @@ def estimate(tflops: float, gpus: int) -> None:
         f"memory per rank: weights {weights / 1e9:.1f} GB (bf16) + a forward budget of {budget / 1e9:.1f} GB"
     )
     print(f"rate: {tflops:g} TFLOP/s achieved per GPU (2 FLOPs per parameter per token)\n")
-    head = ["prompts x tokens", "patches (TL loop)", "with forwards", "forwards", "sequence-forwards"]
+    head = [
+        "prompts x tokens (differ from)",
+        "patches (TL loop)",
+        "with forwards",
+        "forwards",
+        "sequence-forwards",
+    ]
     print("| " + " | ".join([*head, "per rank /s", "1 GPU", f"{gpus} GPUs"]) + " |")
     print("|---" * (len(head) + 3) + "|")
     for batch, n_pos, changed in CASES:
@@ -128,7 +134,11 @@ def estimate(tflops: float, gpus: int) -> None:
         ranks = [0.0] * gpus
         for cost in sorted(costs, reverse=True):  # as World.share deals them
             ranks[ranks.index(min(ranks))] += cost
-        cells = [f"{batch} x {n_pos}", f"{cfg.n_layers * n_pos * cfg.n_heads:,}", f"{len(patches):,}"]
+        cells = [
+            f"{batch} x {n_pos} ({changed})",
+            f"{cfg.n_layers * n_pos * cfg.n_heads:,}",
+            f"{len(patches):,}",
+        ]
         cells += [
             f"{len(chunks):,}",
             f"{sum(costs):,.0f} (TL: {cfg.n_layers * n_pos * cfg.n_heads * batch:,})",
