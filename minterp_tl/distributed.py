@@ -23,13 +23,14 @@ or :func:`init`'s ``timeout``), never hang.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import math
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional, TypeVar
@@ -253,9 +254,28 @@ def init(timeout: Optional[float] = None) -> World:
     return _WORLD
 
 
+_ALONE = 0  # depth of alone() blocks
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within this block, this rank runs sweeps as one process would, exchanging nothing with the others:
+    for work only some ranks do, such as a sweep under ``if distributed.world().main:`` (which would
+    otherwise wait for the other ranks until the timeout)."""
+    global _ALONE
+    _ALONE += 1
+    try:
+        yield
+    finally:
+        _ALONE -= 1
+
+
 def world() -> World:
-    """This process's :class:`World` (joining torchrun's process group on first use, see :func:`init`)."""
+    """This process's :class:`World` (joining torchrun's process group on first use, see :func:`init`);
+    the one-process world inside :func:`alone`."""
     global _WORLD
+    if _ALONE:
+        return World()
     if _WORLD is not None and _WORLD.size > 1 and not dist.is_initialized():
         _WORLD = None  # the group was destroyed since
     if _WORLD is None or (_WORLD.size == 1 and dist.is_available() and dist.is_initialized()):
@@ -293,4 +313,13 @@ def replica_gpus(per_replica: int, available: Optional[int] = None) -> list[int]
     return list(range(local_rank * per_replica, (local_rank + 1) * per_replica))
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RankFailed", "World", "init", "local_device", "replica_gpus", "world"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "RankFailed",
+    "World",
+    "alone",
+    "init",
+    "local_device",
+    "replica_gpus",
+    "world",
+]

@@ -202,6 +202,21 @@ def test_messages_carry_json_and_tensors_only() -> None:
         _decode(len(header).to_bytes(8, "little") + header, 2)  # a dtype name is never looked up
 
 
+def test_alone_runs_one_rank_as_one_process(toys, monkeypatch) -> None:
+    monkeypatch.setattr(distributed, "_WORLD", World(1, 2))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    assert distributed.world() == World(1, 2)
+    monkeypatch.setattr(World, "_all_gather_bytes", lambda self, data: pytest.fail("an exchange ran"))
+    model = toys["gqa"]
+    clean, corrupted, metric = toy_inputs(model)
+    with distributed.alone():
+        assert distributed.world() == World()
+        out = sweeps(model, clean, corrupted, metric, small=True)
+    with pytest.raises(pytest.fail.Exception, match="an exchange ran"):  # outside the block: rank 1 of 2
+        sweeps(model, clean, corrupted, metric, small=True)
+    assert out["resid_pre"].shape == (model.cfg.n_layers, 6)
+
+
 def test_bad_settings_are_refused(monkeypatch) -> None:
     with pytest.raises(ValueError, match="timeout must be a positive number"):
         distributed.init(timeout=0)
