@@ -86,7 +86,7 @@ def run(config: str, out: Path) -> dict[str, Any]:
     else:
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         cmd = [sys.executable, *launch, *script]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.read_text())
 

@@ -30,7 +30,13 @@ def torchrun(args: list[str], tmp_path: Path, timeout: float = 300, **env: str) 
     proc = subprocess.run(
         cmd,
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(WORKER.parent), **env},
+        env={
+            "GLOO_SOCKET_IFNAME": "lo",  # one host: loopback, whatever the host name resolves to
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(WORKER.parent),
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=timeout,
