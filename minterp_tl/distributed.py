@@ -284,7 +284,8 @@ def world() -> World:
 
 
 def local_device() -> str:
-    """The device for this rank's replica: ``cuda:LOCAL_RANK`` when there are GPUs, else ``cpu``."""
+    """The device for this rank's replica: ``cuda:LOCAL_RANK`` when there are GPUs (modulo their count:
+    more ranks than GPUs on a host share them), else ``cpu``."""
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     return "cpu"

@@ -235,6 +235,15 @@ def test_bad_settings_are_refused(monkeypatch) -> None:
     assert not dist.is_initialized()
 
 
+def test_local_device(monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.local_device() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.local_device() == "cuda:1"  # local rank 3 of a host with 2 GPUs
+
+
 def test_replica_gpus(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
