@@ -304,8 +304,9 @@ def attribution_patch(
 
         parts = world.exchange(forward)
         # the metric sees every rank's logits; its gradient flows into this rank's own
-        pieces = [local if r == world.rank else part for r, part in enumerate(parts)]
-        logits = torch.cat([p.to(model.cfg.device) for p in pieces if p is not None])
+        mixed = [local if r == world.rank else part for r, part in enumerate(parts)]
+        pieces = [p.to(model.cfg.device) for p in mixed if p is not None]
+        logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
         def attribute() -> tuple[float, Optional[list[Tensor]]]:
             """The metric, and this rank's products summed over its prompts and the unswept axes."""
