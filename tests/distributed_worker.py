@@ -42,10 +42,10 @@ IOI = [
 ]
 
 
-def toy_inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Two random clean prompts of 6 tokens, corrupted at position 2, and a logit-difference metric."""
+def toy_inputs(model: Any, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Random clean prompts of 6 tokens, corrupted at position 2, and a logit-difference metric."""
     gen = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, model.cfg.d_vocab, (2, 6), generator=gen)
+    clean = torch.randint(0, model.cfg.d_vocab, (batch, 6), generator=gen)
     corrupted = clean.clone()
     corrupted[:, 2] = (corrupted[:, 2] + 11) % model.cfg.d_vocab
     return clean, corrupted, logit_diff_metric(3, 7)
@@ -71,6 +71,11 @@ def sweeps(model: Any, clean: torch.Tensor, corrupted: torch.Tensor, metric: Any
         out["eap_ig"] = edge_attribution(model, clean, corrupted, metric, ig_steps=5, max_batch=6).scores
         sets = [[0], [1, 2], [3], list(range(0, 40, 3)), [5, 9], [], list(range(20))]
         out["edge_patch"] = edge_patch(model, clean, corrupted, sets, metric, max_batch=4)
+        out["eap"] = edge_attribution(model, clean, corrupted, metric).scores  # one step: rank 1 has none
+        one = attribution_patch(model, clean[:1], corrupted[:1], metric, "z", positions=None, heads="all")
+        out["attribution_one_prompt"] = one.values  # rank 1 has no prompt
+        clean3, corrupted3, _ = toy_inputs(model, batch=3)
+        out["attribution_three_prompts"] = attribution_patch(model, clean3, corrupted3, metric).values
     else:
         # 4 copies per forward: enough chunks to share as they are (the head sweep's are cut finer)
         sweep = activation_patch(model, corrupted, cache, metric, layers="-6:", progress=False, max_batch=8)

@@ -78,7 +78,9 @@ def test_two_ranks_equal_one_process(launched, toys, smollm2) -> None:
 
 
 EXACT = {("toy", "resid_pre"), ("toy", "heads"), ("toy", "edge_patch"), ("smollm2", "resid_pre")}
-"""The sweeps whose plan had at least two chunks per rank: each chunk ran exactly as in one process."""
+EXACT |= {("toy", "eap"), ("toy", "attribution_one_prompt")}
+"""The sweeps whose plan had at least two chunks per rank (each chunk ran exactly as in one process), and
+those rank 0 ran alone (one integration step, one prompt)."""
 
 
 def _same(got: torch.Tensor, want: torch.Tensor, exact: bool) -> None:
