@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from distributed_worker import SPREAD, smollm2_inputs, sweeps, toy_inputs
 
-from minterp_tl import distributed, load_model
+from minterp_tl import _patch_engine, distributed, load_model
 from minterp_tl._patch_engine import agreed_budget
 from minterp_tl.cli import main
 from minterp_tl.distributed import RankFailed, World, _decode, _encode, replica_gpus
@@ -94,11 +94,21 @@ def _same(got: torch.Tensor, want: torch.Tensor, exact: bool) -> None:
         assert float((got - want).abs().max()) <= 2e-6 * max(1.0, float(want.abs().max()))
 
 
-def test_the_ranks_share_the_forwards(launched) -> None:
+def test_the_ranks_share_the_forwards(launched, toys, monkeypatch) -> None:
     ranks, _ = launched
     toy = [r["toy_forwards"] for r in ranks]
     smol = [r["smollm2_forwards"] for r in ranks]
-    assert min(toy) > 0 and min(smol) > 0, (toy, smol)  # both ranks ran chunks: split, not replicated
+    assert min(toy) > 0 and min(smol) > 0, (toy, smol)  # both ranks ran chunks
+    count = [0]
+    plain = _patch_engine._forward
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(_patch_engine, "_forward", counted)
+    sweeps(toys["gqa"], *toy_inputs(toys["gqa"]), small=True)
+    assert sum(toy) == count[0]  # split, not replicated: one process runs the same forwards
 
 
 def test_a_model_over_two_devices_per_rank(launched, hf_model) -> None:
