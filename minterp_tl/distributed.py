@@ -18,7 +18,8 @@ What is split:
 Every exchange between ranks carries each rank's error: when one rank raises, every rank raises (that
 rank its own error, the others :class:`RankFailed` naming it). A rank that dies or hangs without a word
 makes the others fail after the collective timeout (``MINTERP_TL_DIST_TIMEOUT`` seconds, default 1800,
-or :func:`init`'s ``timeout``), never hang.
+or :func:`init`'s ``timeout``), never hang. A rank that finishes its share first also waits within that
+timeout, so very long sweeps (hours per rank) need a longer one.
 """
 
 from __future__ import annotations
