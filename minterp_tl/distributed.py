@@ -236,7 +236,8 @@ def init(timeout: Optional[float] = None) -> World:
     initialised group, this is the one-process world and nothing is initialised.
     """
     global _WORLD
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if timeout is not None and not (number and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     seconds = float(timeout) if timeout is not None else _timeout_from_env()
     if _WORLD is not None and _WORLD.size > 1:

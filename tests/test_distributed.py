@@ -236,8 +236,9 @@ def test_alone_runs_one_rank_as_one_process(toys, monkeypatch) -> None:
 
 
 def test_bad_settings_are_refused(monkeypatch) -> None:
-    with pytest.raises(ValueError, match="timeout must be a positive number"):
-        distributed.init(timeout=0)
+    for bad in (0, -5.0, True, "60"):
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            distributed.init(timeout=bad)
     monkeypatch.setenv("MINTERP_TL_DIST_TIMEOUT", "soon")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
