@@ -425,7 +425,9 @@ def run_patched(
     corrupted: Optional[CorruptedRun] = None
     status = FastPathStatus(False, False, False, "no patch needed a forward")
 
-    def prepare() -> tuple[list[list[int]], list[float]]:
+    def prepare() -> tuple[list[list[int]], list[float], Optional[int]]:
+        """Rank 0's plan: the chunks, their modelled costs and the copies cap they were cut to (every rank
+        finds its patches' first changes and its own fast-path status)."""
         nonlocal corrupted, status
         corrupted = CorruptedRun(model, corrupted_tokens, {p.name for p in patches})
         todo, value = [], None
@@ -439,16 +441,18 @@ def run_patched(
                 first[i] = change or 0
         if not todo:
             record(model, status, {}, warn=False)
-            return [], []
+            return [], [], max_batch
         status = assume(model, corrupted)
+        if not world.main:
+            return [], [], max_batch
         chunks, costs = _plan(model, todo, patches, first, status, sizes, b, n_pos)
         if 1 < world.size and len(chunks) < _CHUNKS_PER_RANK * world.size:  # too few to share: cut finer
             cap = -(-len(todo) // (_CHUNKS_PER_RANK * world.size))
             sizes["max_batch"] = min(cap * b, max_batch or cap * b)
             chunks, costs = _plan(model, todo, patches, first, status, sizes, b, n_pos)
-        return chunks, costs
+        return chunks, costs, sizes["max_batch"]
 
-    chunks, costs = world.exchange(prepare)[0]  # rank 0's plan (the only one with one rank)
+    chunks, costs, sizes["max_batch"] = world.exchange(prepare)[0]  # rank 0's plan
     chunks = [chunks[k] for k in world.share(costs)]  # this rank's share, by modelled cost
 
     def run_share() -> dict[int, Tensor]:
@@ -456,15 +460,14 @@ def run_patched(
         values: dict[int, Tensor] = {}
         bar = progress and world.main
         _run_chunks(model, corrupted, patches, chunks, first, status, sizes, evaluate, values, last_only, bar)
-        return values if world.size == 1 else {i: v.cpu() for i, v in values.items()}
+        return values
 
     values = dict(unchanged)
-    for part in world.exchange(run_share):
+    for part in world.exchange(run_share):  # (another rank's values arrive on the CPU)
         values.update(part)
     if not values:
         return torch.empty(0)
-    device = next(iter(values.values())).device if world.size == 1 else torch.device(model.cfg.device)
-    return torch.stack([values[i].to(device) for i in range(len(patches))])
+    return torch.stack([values[i].to(model.cfg.device) for i in range(len(patches))])
 
 
 def _run_chunks(

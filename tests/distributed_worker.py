@@ -2,9 +2,9 @@
 single process runs (:func:`sweeps`), each rank's results saved to ``OUT/rank{r}.pt``.
 
 Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 distributed_worker.py MODE OUT
-[FOLDER]`` where MODE is ``sweeps`` (the toy model, SmolLM2 and, with FOLDER, the 2-layer HF model there
-loaded over two devices), ``raise`` (rank 1's metric raises) or ``hang`` (rank 1 never reaches the
-sweep).
+[FOLDER [NAME=FOLDER ...]]`` where MODE is ``sweeps`` (the toy model, SmolLM2, with FOLDER the 2-layer HF
+model there loaded over two devices, and each further family's model), ``raise`` (rank 1's metric
+raises) or ``hang`` (rank 1 never reaches the sweep).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def sweeps(model: Any, clean: torch.Tensor, corrupted: torch.Tensor, metric: Any
     return out
 
 
-def main(mode: str, out: Path, folder: str = "") -> None:
+def main(mode: str, out: Path, folder: str = "", *families: str) -> None:
     world = distributed.world()
     forwards = [0]
     plain_forward = _patch_engine._forward
@@ -114,6 +114,10 @@ def main(mode: str, out: Path, folder: str = "") -> None:
             model = load_model(folder, progress=False, device_map=SPREAD, offload_folder=offload)
             results["n_devices"] = model.cfg.n_devices
             results["spread"] = sweeps(model, *toy_inputs(model), small=False)
+        for family in families:  # "name=folder": a 2-layer HF model of another family
+            name, path = family.split("=", 1)
+            model = load_model(path, progress=False)
+            results[f"family:{name}"] = sweeps(model, *toy_inputs(model), small=False)
     elif mode in ("raise", "hang"):
         toy = toy_model("gqa")
         clean, corrupted, metric = toy_inputs(toy)

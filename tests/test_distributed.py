@@ -21,6 +21,8 @@ from minterp_tl.cli import main
 from minterp_tl.distributed import RankFailed, World, _decode, _encode, replica_gpus
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+FAMILIES = ("gpt2", "gpt_neox", "gemma2")
+"""Families also swept under torchrun: Conv1D weights, parallel blocks, post-norms with soft-capping."""
 
 
 def torchrun(args: list[str], tmp_path: Path, timeout: float = 300, **env: str) -> tuple[int, str, float]:
@@ -49,7 +51,8 @@ def launched(smollm2, hf_model, tmp_path_factory):
     """The worker's ``sweeps`` job run once under torchrun: each rank's results."""
     out = tmp_path_factory.mktemp("distributed")
     folder = hf_model.folder("llama")
-    code, output, _ = torchrun([str(WORKER), "sweeps", str(out), folder], out)
+    families = [f"{name}={hf_model.folder(name)}" for name in FAMILIES]
+    code, output, _ = torchrun([str(WORKER), "sweeps", str(out), folder, *families], out)
     assert code == 0, output[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)], folder
 
@@ -120,6 +123,16 @@ def test_a_model_over_two_devices_per_rank(launched, hf_model) -> None:
     for rank in ranks:
         for key, want in ref.items():
             _same(rank["spread"][key], want, exact=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_other_families_under_torchrun(launched, hf_model, family: str) -> None:
+    ranks, _ = launched
+    model = hf_model(family)
+    ref = _one_thread(lambda: sweeps(model, *toy_inputs(model), small=False))
+    for rank in ranks:
+        for key, want in ref.items():
+            _same(rank[f"family:{family}"][key], want, exact=False)
 
 
 def test_a_failing_rank_fails_the_run_with_its_error(tmp_path) -> None:
@@ -232,7 +245,10 @@ def test_alone_runs_one_rank_as_one_process(toys, monkeypatch) -> None:
         out = sweeps(model, clean, corrupted, metric, small=True)
     with pytest.raises(pytest.fail.Exception, match="an exchange ran"):  # outside the block: rank 1 of 2
         sweeps(model, clean, corrupted, metric, small=True)
-    assert out["resid_pre"].shape == (model.cfg.n_layers, 6)
+    monkeypatch.setattr(distributed, "_WORLD", World())
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    plain = sweeps(model, clean, corrupted, metric, small=True)  # one process
+    assert all(torch.equal(out[key], plain[key]) for key in plain)
 
 
 def test_bad_settings_are_refused(monkeypatch) -> None:
